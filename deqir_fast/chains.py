@@ -1,0 +1,262 @@
+"""Samplers as elementwise-affine chains (DESIGN.md §2).
+
+In a fixed orthonormal basis (pixels for DDIM, the operator's Vᵀ for DDRM and DDNM)
+every step of every supported sampler is
+
+    u_{i+1} = P_i * u_i + Q_i * ē_i + R_i,          ē_i = Vᵀ model(V u_i, t_i).
+
+Each chain writes its step as u_{i+1} = k0·x̄0 + kE·ē + kY·ȳ + kZ·z with the usual
+prediction x̄0 = (u - sqrt(1-a)·ē)/sqrt(a), so that
+
+    P = k0 / sqrt(a),   Q = kE - k0·sqrt(1-a)/sqrt(a),   R = kY·ȳ + kZ·z.
+
+(a = ᾱ(t_i), a' = ᾱ(t_{i+1}), ȳ = Uᵀy laid out like Vᵀx, z = the step's noise draw.)
+The serial sampler and the parallel solver both use these same coefficients, so a
+converged parallel solve does the serial sampler's arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._checks import check_nonnegative, check_tensor, check_unit_interval
+from .operators import Operator
+from .schedules import Schedule, check_timesteps
+
+
+@dataclass
+class StepCoefficients:
+    """The per-step affine maps of one prepared chain, in the chain's basis.
+
+    ``P``, ``Q``: [S, 1, *spectral] (broadcast over the batch); ``R``: [S, B, ...] or
+    None when it is zero; ``u0``: the state entering step 0, [B, C, H, W]."""
+    P: torch.Tensor
+    Q: torch.Tensor
+    R: Optional[torch.Tensor]
+    u0: torch.Tensor
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den where den != 0, else 0 (only used where the 0-branch is discarded)."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+class Chain:
+    """Base class: a schedule, descending timesteps and ``final_alpha`` (ᾱ after the
+    last step). Subclasses give the basis and the step coefficients."""
+
+    operator: Optional[Operator] = None
+
+    def __init__(self, schedule: Schedule, timesteps, final_alpha: float = 1.0):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a deqir_fast.Schedule, got {type(schedule).__name__}")
+        self.schedule = schedule
+        self.timesteps = check_timesteps(schedule, timesteps)
+        final_alpha = check_unit_interval("final_alpha", final_alpha)
+        if final_alpha <= 0.0:
+            raise ValueError("final_alpha must be > 0")
+        if final_alpha <= float(schedule.alphas_cumprod[self.timesteps[-1]]):
+            raise ValueError("final_alpha must exceed ᾱ at the last timestep")
+        self.final_alpha = final_alpha
+        ac = schedule.alphas_cumprod
+        self.alpha = ac[self.timesteps]                                        # a_i
+        self.alpha_next = torch.cat([ac[self.timesteps[1:]],
+                                     torch.tensor([final_alpha], dtype=torch.float64)])  # a'_i
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.numel()
+
+    @property
+    def needs_noise(self) -> bool:
+        return True
+
+    @property
+    def noise_levels(self) -> torch.Tensor:
+        """sqrt(1 - a'_i): the noise std of the state after each step, [S], float64."""
+        return (1.0 - self.alpha_next).clamp_min(0.0).sqrt()
+
+    # -- basis -------------------------------------------------------------------
+    def to_basis(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.operator is None else self.operator.Vt(x)
+
+    def from_basis(self, u: torch.Tensor) -> torch.Tensor:
+        return u if self.operator is None else self.operator.V(u)
+
+    # -- preparation ---------------------------------------------------------------
+    def check_inputs(self, x_T: torch.Tensor) -> None:
+        """Validate x_T against the chain (its measurement too); raise ValueError."""
+        if x_T.dim() != 4:
+            raise ValueError(f"x_T must have shape [B, C, H, W], got {tuple(x_T.shape)}")
+
+    def coefficients(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> StepCoefficients:
+        """The affine maps for this x_T (state dtype/device) and noise [S, *x_T.shape]."""
+        like = x_T
+        S = self.num_steps
+        a = self.alpha.view(S, 1, 1, 1, 1)
+        an = self.alpha_next.view(S, 1, 1, 1, 1)
+        k0, kE, kY, kZ = self._k(a, an)
+        P = k0 / a.sqrt()
+        Q = kE - k0 * (1.0 - a).sqrt() / a.sqrt()
+        R = None
+        if kY is not None:
+            ybar = self._ybar(like).to(torch.float64).unsqueeze(0)
+            R = kY * ybar
+        if kZ is not None and noise is not None and bool((kZ != 0).any()):
+            Rz = kZ.to(like) * noise
+            R = Rz if R is None else R.to(like) + Rz
+        if R is not None:
+            R = R.to(like)
+        return StepCoefficients(P.to(like), Q.to(like), R, self._initial_state(x_T))
+
+    def _k(self, a, an):
+        raise NotImplementedError
+
+    def _ybar(self, like) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _initial_state(self, x_T: torch.Tensor) -> torch.Tensor:
+        return x_T
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.num_steps}, t={self.timesteps[0]}..{self.timesteps[-1]})"
+
+
+class DDIM(Chain):
+    """DDIM (Song et al. 2021, Eq. 12) in pixel space; ``eta=1`` is DDPM-like ancestral
+    sampling, ``eta=0`` deterministic."""
+
+    def __init__(self, schedule: Schedule, timesteps, eta: float = 0.0, final_alpha: float = 1.0):
+        super().__init__(schedule, timesteps, final_alpha)
+        self.eta = check_unit_interval("eta", eta)
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.eta > 0
+
+    def _k(self, a, an):
+        # 1. σ_t(η) = η sqrt((1-a')/(1-a)) sqrt(1 - a/a')   (Eq. 16)
+        sigma = self.eta * ((1 - an) / (1 - a)).sqrt() * (1 - a / an).clamp_min(0).sqrt()
+        # 2. x' = sqrt(a') x̂0 + sqrt(1 - a' - σ²) ε + σ z    (Eq. 12)
+        k0 = an.sqrt()
+        kE = (1 - an - sigma ** 2).clamp_min(0).sqrt()
+        return k0, kE, None, (sigma if self.eta > 0 else None)
+
+
+class _Restoration(Chain):
+    """Shared set-up of the chains that condition on y = A x + σ_y n."""
+
+    def __init__(self, schedule, timesteps, operator, y, sigma_y, final_alpha):
+        super().__init__(schedule, timesteps, final_alpha)
+        if not isinstance(operator, Operator):
+            raise TypeError(f"operator must be a deqir_fast.operators.Operator, "
+                            f"got {type(operator).__name__}")
+        self.operator = operator
+        self.y = check_tensor("y", y, ndim=4)
+        self.sigma_y = check_nonnegative("sigma_y", sigma_y)
+
+    def check_inputs(self, x_T):
+        self.operator.check_x("x_T", x_T)
+        self.operator.check_y("y", self.y, tuple(x_T.shape))
+
+    def _ybar(self, like):
+        return self.operator.Ut(self.y.to(like))
+
+    def _s(self, like=None) -> torch.Tensor:
+        return self.operator.singulars.to(torch.float64)
+
+
+class DDRM(_Restoration):
+    """DDRM (Kawar et al. 2022, Sec. 3): per spectral element, by s·σ' against σ_y
+    (σ' = sqrt((1-a')/a'), the variance-exploding noise level of the next step)."""
+
+    def __init__(self, schedule: Schedule, timesteps, operator: Operator, y: torch.Tensor,
+                 sigma_y: float = 0.0, eta: float = 0.85, eta_b: float = 1.0,
+                 final_alpha: float = 1.0):
+        super().__init__(schedule, timesteps, operator, y, sigma_y, final_alpha)
+        self.eta = check_unit_interval("eta", eta)
+        self.eta_b = check_unit_interval("eta_b", eta_b)
+
+    def _cases(self, sigma_next):
+        s = self._s()
+        before = (s > 0) & (s * sigma_next > self.sigma_y)   # noisier than y
+        after = (s > 0) & (s * sigma_next < self.sigma_y)    # less noisy than y
+        return s, before, after
+
+    def _k(self, a, an):
+        sn = ((1 - an) / an).sqrt()                         # σ' (VE)
+        s, before, after = self._cases(sn)
+        eta, eta_b, sy = self.eta, self.eta_b, self.sigma_y
+        keep = (1 - eta ** 2) ** 0.5
+        one = torch.ones_like(s * sn)
+        # 1. missing (s = 0):      x̄' = x̄0 + sqrt(1-η²) σ' ē + η σ' z
+        c0, cE, cY, cZ = one, keep * sn * one, 0 * one, eta * sn * one
+        # 2. less noisy than y:    x̄' = x̄0 + sqrt(1-η²) σ' (ȳ - s x̄0)/σ_y + η σ' z
+        if sy > 0:
+            c0 = torch.where(after, 1 - keep * sn * s / sy, c0)
+            cE = torch.where(after, 0 * one, cE)
+            cY = torch.where(after, keep * sn / sy * one, cY)
+        # 3. noisier than y:       x̄' = (1-η_b) x̄0 + η_b ȳ/s + sqrt(σ'² - σ_y² η_b²/s²) z
+        inv_s = _safe_div(torch.ones_like(s), s)
+        c0 = torch.where(before, (1 - eta_b) * one, c0)
+        cE = torch.where(before, 0 * one, cE)
+        cY = torch.where(before, eta_b * inv_s * one, cY)
+        cZ = torch.where(before, (sn ** 2 - (sy * eta_b * inv_s) ** 2).clamp_min(0).sqrt(), cZ)
+        # 4. back to the variance-preserving state: u' = sqrt(a') x̄'
+        r = an.sqrt()
+        return r * c0, r * cE, r * cY, r * cZ
+
+    def _initial_state(self, x_T):
+        # p(x_T | y) (Sec. 3): x̄_T = ȳ/s + sqrt(σ_T² - σ_y²/s²) z where s σ_T > σ_y,
+        # else σ_T z; the variance-preserving state is sqrt(a_0) x̄_T.
+        a0 = float(self.alpha[0])
+        sT = ((1 - a0) / a0) ** 0.5
+        s = self.operator.singulars_as(x_T)
+        seen = (s > 0) & (s * sT > self.sigma_y)
+        inv_s = _safe_div(torch.ones_like(s), s)
+        ybar = self._ybar(x_T)
+        spread = torch.where(seen, (sT ** 2 - (self.sigma_y * inv_s) ** 2).clamp_min(0).sqrt(),
+                             torch.full_like(s, sT))
+        mean = torch.where(seen, ybar * inv_s, torch.zeros_like(ybar))
+        return a0 ** 0.5 * (mean + spread * x_T)
+
+
+class DDNM(_Restoration):
+    """DDNM (Wang et al. 2023): range–null-space decomposition; DDNM+ when σ_y > 0.
+
+    x̂0 = x0 - Σ A⁺(A x0 - y) with Σ = λ·I per spectral element (Eq. 17, 19): λ = 1 and
+    γ = sqrt(σ'² - (sqrt(a') λ σ_y/s)²) while σ' ≥ sqrt(a') σ_y/s, else λ = σ' s/(sqrt(a') σ_y)
+    and γ = 0; here σ' = sqrt(1 - a'). Then x' = sqrt(a') x̂0 + γ (η z + sqrt(1-η²) ε).
+    With σ_y = 0 this is DDNM's x' = sqrt(a') x̂0 + sqrt(1-a') (η z + sqrt(1-η²) ε).
+    """
+
+    def __init__(self, schedule: Schedule, timesteps, operator: Operator, y: torch.Tensor,
+                 sigma_y: float = 0.0, eta: float = 0.0, final_alpha: float = 1.0):
+        super().__init__(schedule, timesteps, operator, y, sigma_y, final_alpha)
+        self.eta = check_unit_interval("eta", eta)
+
+    def _k(self, a, an):
+        s = self._s()
+        sn = (1 - an).sqrt()                                 # σ' (VP)
+        inv_s = _safe_div(torch.ones_like(s), s)
+        y_noise = an.sqrt() * self.sigma_y * inv_s           # std of sqrt(a') A⁺y's noise
+        # 1. λ, γ per element (Eq. 19); λ = 0 in the null space
+        full = (s > 0) & (sn >= y_noise)
+        lam = torch.where(full, torch.ones_like(y_noise),
+                          torch.where(s > 0, _safe_div(sn * s, an.sqrt() * self.sigma_y * torch.ones_like(s)),
+                                      torch.zeros_like(y_noise)))
+        gamma = torch.where(full, (sn ** 2 - y_noise ** 2).clamp_min(0).sqrt(),
+                            torch.where(s > 0, torch.zeros_like(y_noise), sn * torch.ones_like(s)))
+        # 2. x' = sqrt(a') ((1-λ) x̄0 + λ ȳ/s) + γ (η z + sqrt(1-η²) ē)
+        k0 = an.sqrt() * (1 - lam)
+        kE = gamma * (1 - self.eta ** 2) ** 0.5
+        kY = an.sqrt() * lam * inv_s
+        kZ = gamma * self.eta
+        return k0, kE, kY, (kZ if self.eta > 0 else None)
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.eta > 0

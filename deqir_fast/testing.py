@@ -1,0 +1,43 @@
+"""Test helpers that need no network: the exact denoiser of a Gaussian-mixture prior."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .schedules import Schedule
+
+
+class GaussianMixtureDenoiser(torch.nn.Module):
+    """The exact eps-prediction for data x0 ~ Σ_k π_k N(μ_k, s² I) (equal weights).
+
+    At timestep t, x_t = sqrt(a) x0 + sqrt(1-a) ε is a mixture of N(sqrt(a) μ_k, v I)
+    with v = a s² + 1 - a, so E[ε | x_t] = sqrt(1-a) Σ_k w_k(x_t) (x_t - sqrt(a) μ_k) / v
+    with w = softmax_k(-||x_t - sqrt(a) μ_k||² / 2v). Differentiable in x_t and in the
+    means (``means`` is a parameter).
+    """
+
+    def __init__(self, schedule: Schedule, shape: Sequence[int], components: int = 4,
+                 std: float = 0.2, seed: int = 0, means: Optional[torch.Tensor] = None,
+                 dtype: torch.dtype = torch.float64):
+        super().__init__()
+        if means is None:
+            gen = torch.Generator().manual_seed(seed)
+            # Smooth-ish random images in [-1, 1]: low-resolution noise, upsampled.
+            C, H, W = shape
+            low = torch.rand((components, C, max(H // 4, 1), max(W // 4, 1)), generator=gen,
+                             dtype=torch.float64) * 2 - 1
+            means = torch.nn.functional.interpolate(low, size=(H, W), mode="bilinear",
+                                                    align_corners=False)
+        self.means = torch.nn.Parameter(means.to(dtype))
+        self.std = float(std)
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.to(dtype))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(x)[t.long()].view(-1, 1, 1, 1)
+        v = a * self.std ** 2 + 1 - a
+        mu = self.means.to(x)
+        diff = x.unsqueeze(1) - a.sqrt().unsqueeze(1) * mu.unsqueeze(0)   # [N, K, C, H, W]
+        logits = -(diff ** 2).flatten(2).sum(-1) / (2 * v.view(-1, 1))
+        w = torch.softmax(logits, dim=1).view(*logits.shape, 1, 1, 1)
+        return (1 - a).sqrt() * (w * diff).sum(1) / v

@@ -1,0 +1,116 @@
+"""The project's central test: the parallel solve equals the serial sampler."""
+import pytest
+import torch
+
+import deqir_fast as dq
+from conftest import make_problem
+
+CHAINS = [
+    ("ddim", None, 0.0), ("ddim_eta", None, 0.0),
+    ("ddrm", "identity", 0.0), ("ddrm", "identity", 0.1),
+    ("ddrm", "inpainting", 0.0), ("ddrm", "inpainting", 0.1),
+    ("ddrm", "sr", 0.0), ("ddrm", "sr", 0.1),
+    ("ddnm", "inpainting", 0.0), ("ddnm", "sr", 0.0), ("ddnm", "sr", 0.1),
+]
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "triangular_anderson"])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("S", [1, 2, 7, 20, 100])
+@pytest.mark.parametrize("kind,op_name,sigma_y", CHAINS)
+def test_parallel_equals_serial_float64(schedule, kind, op_name, sigma_y, S, batch, window, solver):
+    model, chain, x_T = make_problem(schedule, kind, op_name, S, batch, sigma_y, seed=S + batch)
+    serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_seed(7))
+    res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(7), solver=solver,
+                   tol=1e-10, window=window)
+    scale = serial.abs().max().item()
+    assert res.converged
+    assert res.iterations <= S
+    assert (res.x0 - serial).abs().max().item() <= 1e-8 * scale
+    assert res.states.shape == (S, *x_T.shape)
+    assert torch.equal(res.states[-1], res.x0)
+
+
+@pytest.mark.parametrize("kind,op_name,sigma_y", CHAINS)
+def test_picard_exact_after_S_rounds(schedule, kind, op_name, sigma_y):
+    S = 12
+    model, chain, x_T = make_problem(schedule, kind, op_name, S, 2, sigma_y, seed=3)
+    serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_seed(1),
+                              return_states=True)
+    res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(1),
+                   solver="picard", tol=0.0)
+    # A step whose update ignores the model (DDRM with σ_y = 0 on A = I) has a zero
+    # residual at once, so rounds can end early; otherwise Picard needs all S.
+    assert res.converged and res.iterations <= S
+    if kind.startswith("ddim"):
+        assert res.iterations == S
+    # Bitwise up to the batched model call's reduction order.
+    assert (res.states - serial).abs().max().item() <= 1e-13
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "triangular_anderson"])
+def test_float32_default_tolerance_within_one_grey_level(schedule, solver):
+    model, chain, x_T = make_problem(schedule, "ddrm", "inpainting", 50, 2, 0.05, seed=5,
+                                     dtype=torch.float32)
+    serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_seed(2))
+    res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(2), solver=solver)
+    assert res.x0.dtype == torch.float32
+    assert res.converged
+    assert (res.x0 - serial).abs().max().item() < 2 / 255
+
+
+def test_max_iter_too_small_is_not_converged(schedule):
+    model, chain, x_T = make_problem(schedule, "ddim", None, 30, 1, seed=2)
+    res = dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=3)
+    assert res.iterations == 3 and not res.converged
+    assert res.residuals.shape == (3, 30)
+    assert res.nfe == 30 + 29 + 28
+
+
+def test_warm_start_from_solution_converges_in_one_round(schedule):
+    model, chain, x_T = make_problem(schedule, "ddrm", "sr", 40, 2, 0.05, seed=4)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    first = dq.solve(model, chain, x_T, generator=gen(), tol=1e-9)
+    again = dq.solve(model, chain, x_T, generator=gen(), tol=1e-9, init=first.states)
+    assert again.iterations < first.iterations
+    assert (again.x0 - first.x0).abs().max().item() < 1e-8
+
+
+def test_same_seed_same_noise_serial_and_parallel(schedule):
+    model, chain, x_T = make_problem(schedule, "ddim_eta", None, 10, 2, seed=1)
+    noise = torch.randn((10, *x_T.shape), generator=torch.Generator().manual_seed(9),
+                        dtype=x_T.dtype)
+    a = dq.sample_serial(model, chain, x_T, noise=noise)
+    b = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+
+
+def test_callback_reports_every_round(schedule):
+    model, chain, x_T = make_problem(schedule, "ddim", None, 10, 1, seed=1)
+    seen = []
+    res = dq.solve(model, chain, x_T, callback=seen.append)
+    assert [d["iteration"] for d in seen] == list(range(1, res.iterations + 1))
+    assert seen[-1]["nfe"] == res.nfe
+
+
+def test_divergence_guard_restarts_overflowing_iterates(schedule):
+    """The Gaussian-mixture eps grows with |x|: in float32, unconverged iterates of a
+    100-step DDRM overflow within a few rounds. The solve must still reach the serial
+    answer (the guard restarts them) rather than report a model failure."""
+    from deqir_fast import operators as ops
+    shape = (3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    model = dq.testing.GaussianMixtureDenoiser(schedule, shape, components=8, std=0.15,
+                                               dtype=torch.float32)
+    op = ops.Inpainting((torch.rand(shape[1:], generator=gen) > 0.7).float())
+    y = op.A(model.means[:1].detach())
+    chain = dq.DDRM(schedule, dq.timesteps(schedule, 100), operator=op, y=y, sigma_y=0.05)
+    x_T = torch.randn((1, *shape), generator=gen)
+    serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_seed(1))
+    seen = []
+    res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(1), solver="picard",
+                   callback=seen.append)
+    assert any(not torch.isfinite(d["residuals"]).all() for d in seen), "no overflow happened"
+    assert res.converged
+    assert (res.x0 - serial).abs().max().item() < 2 / 255

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+import deqir_fast as dq
+
+
+@pytest.mark.parametrize("kind,beta_schedule", [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
+def test_schedules_match_diffusers(kind, beta_schedule):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule,
+                                  beta_start=1e-4, beta_end=0.02).alphas_cumprod.double()
+    ours = getattr(dq.Schedule, kind)(1000).alphas_cumprod
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_uniform_timesteps():
+    s = dq.Schedule.linear(1000)
+    assert dq.timesteps(s, 20).tolist() == list(range(950, -1, -50))
+    assert dq.timesteps(s, 1).tolist() == [0]
+    assert dq.timesteps(s, 7).tolist() == [852, 710, 568, 426, 284, 142, 0]
+    assert dq.timesteps(s, [999, 500, 3]).tolist() == [999, 500, 3]
+    assert dq.timesteps(s, 1000).tolist() == list(range(999, -1, -1))
