@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 Shape = tuple  # (C, H, W), entries int or None (any size)
+NUMERICAL_ZERO = 1e-10   # relative singular values below this are 0 whatever the threshold
 
 
 def _shape_matches(shape: Sequence[int], pattern: Shape) -> bool:
@@ -67,13 +68,19 @@ class Operator:
                                torch.zeros_like(s))
         return self._on(like, "singulars_pinv", make)
 
+    def _exact_as(self, like: torch.Tensor) -> torch.Tensor:
+        exact = getattr(self, "_singulars_exact", None)
+        return self.singulars_as(like) if exact is None else self._on(like, "exact", lambda: exact)
+
     # -- derived maps ------------------------------------------------------------
+    # A and Aᵀ use the exact singular values (a blur stays the blur); the samplers and
+    # A⁺ use ``singulars``, where values below an operator's threshold are 0.
     def A(self, x: torch.Tensor) -> torch.Tensor:
-        return self.U(self.singulars_as(x) * self.Vt(x))
+        return self.U(self._exact_as(x) * self.Vt(x))
 
     def At(self, y: torch.Tensor) -> torch.Tensor:
         z = self.Ut(y)
-        return self.V(self.singulars_as(z) * z)
+        return self.V(self._exact_as(z) * z)
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         z = self.Ut(y)
@@ -147,6 +154,28 @@ class Masked(Operator):
 class Inpainting(Masked):
     """Keep the pixels where ``mask`` is 1. ``mask``: [H, W] (all channels) or [C, H, W]."""
 
+    @classmethod
+    def box(cls, shape: Sequence[int], top: int, left: int, height: int, width: int) -> "Inpainting":
+        """Everything but a ``height`` x ``width`` box at (top, left) is kept."""
+        _, H, W = (int(s) for s in shape)
+        if not (0 <= top < top + height <= H and 0 <= left < left + width <= W):
+            raise ValueError(f"the box ({top}, {left}, {height}, {width}) does not fit {H}x{W}")
+        mask = torch.ones(H, W, dtype=torch.float64)
+        mask[top:top + height, left:left + width] = 0
+        return cls(mask)
+
+    @classmethod
+    def random(cls, shape: Sequence[int], missing: float, seed: int = 0,
+               per_channel: bool = False) -> "Inpainting":
+        """A seeded fraction ``missing`` of the pixels (of each channel's values with
+        ``per_channel``) is dropped."""
+        if not 0.0 <= float(missing) < 1.0:
+            raise ValueError(f"missing must lie in [0, 1), got {missing}")
+        C, H, W = (int(s) for s in shape)
+        size = (C, H, W) if per_channel else (H, W)
+        rand = torch.rand(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return cls((rand >= float(missing)).to(torch.float64))
+
 
 class Identity(Operator):
     """Denoising: A = I, for images of any shape (or of ``shape`` = (C, H, W) if given)."""
@@ -199,7 +228,8 @@ class Separable(Operator):
     Each factor's SVD is taken once in float64 (full, square U and V), so the whole
     decomposition is exact: Vᵀ applies the factors' Vᵀ along their axes and the
     singular values are the outer product of the factors' ones. Products at or below
-    ``threshold`` (relative to the largest) count as 0: the null space.
+    ``threshold`` times the largest count as 0 in ``singulars`` (the null space seen by
+    the samplers and A⁺); ``A`` itself keeps them all.
     The measurement is y: [B, c, h, w] with (c, h, w) the factors' row counts.
     """
 
@@ -229,7 +259,10 @@ class Separable(Operator):
         self._factors = factors
         self.y_shape = tuple(y_shape)
         s = svals[0][:, None, None] * svals[1][None, :, None] * svals[2][None, None, :]
-        cut = self.threshold * float(s.max()) if s.numel() else 0.0
+        # Below 1e-10 of the largest a singular value is rounding noise (a box blur's
+        # exact zeros come out of the SVD as ~1e-17): never invert those.
+        cut = max(self.threshold, NUMERICAL_ZERO) * float(s.max()) if s.numel() else 0.0
+        self._singulars_exact = s
         self._singulars = torch.where(s > cut, s, torch.zeros_like(s))
 
     def _matrix(self, like, axis: int, which: str):
@@ -284,3 +317,191 @@ class SuperResolution(Separable):
         super().__init__(shape, height=block_average_matrix(h, factor),
                          width=block_average_matrix(w, factor), threshold=threshold)
         self.factor = factor
+
+
+def _keys_cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution kernel (a = -0.5: the "bicubic" of PIL and torch)."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def bicubic_matrix(n: int, factor: int) -> torch.Tensor:
+    """The (n/factor x n) antialiased bicubic downsampling matrix: output i is centred at
+    input coordinate (i + 0.5)·factor - 0.5, taps weigh k((j - centre)/factor), taps
+    outside the image are dropped and each row is renormalised to sum 1 (as
+    ``torch.nn.functional.interpolate(..., mode="bicubic", antialias=True)`` does)."""
+    if n % factor:
+        raise ValueError(f"image size {n} is not divisible by the factor {factor}")
+    m = n // factor
+    centre = (torch.arange(m, dtype=torch.float64) + 0.5) * factor - 0.5
+    j = torch.arange(n, dtype=torch.float64)
+    w = _keys_cubic((j[None, :] - centre[:, None]) / factor)
+    return w / w.sum(1, keepdim=True)
+
+
+def gaussian_kernel(sigma: float, radius: Optional[int] = None) -> torch.Tensor:
+    """A normalised 1-D Gaussian of std ``sigma`` with taps -radius..radius
+    (default radius ceil(3 sigma))."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    r = int(radius) if radius is not None else max(1, int(torch.tensor(3.0 * sigma).ceil()))
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def uniform_kernel(size: int) -> torch.Tensor:
+    """A normalised box of ``size`` (odd) taps."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+        raise ValueError(f"size must be a positive odd int, got {size!r}")
+    return torch.full((size,), 1.0 / size, dtype=torch.float64)
+
+
+def convolution_matrix(n: int, kernel: torch.Tensor, padding: str = "zero") -> torch.Tensor:
+    """The (n x n) matrix of a "same"-size 1-D correlation with an odd-length ``kernel``:
+    y[i] = Σ_k kernel[k] x[i + k - r], r = len//2, every tap present. Out-of-range
+    samples are 0 (``padding="zero"``) or mirrored without repeating the edge
+    (``"reflect"``: x[-1] = x[1], as ``torch.nn.functional.pad(mode="reflect")``)."""
+    kernel = torch.as_tensor(kernel, dtype=torch.float64).flatten()
+    L = kernel.numel()
+    if L % 2 == 0:
+        raise ValueError(f"kernel must have an odd number of taps, got {L}")
+    r = L // 2
+    if padding not in ("zero", "reflect"):
+        raise ValueError(f"padding must be 'zero' or 'reflect', got {padding!r}")
+    if padding == "reflect" and r >= n:
+        raise ValueError(f"reflect padding needs a kernel radius below the size {n}, got {r}")
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.arange(n)
+    for k in range(L):
+        cols = rows + k - r
+        if padding == "reflect":
+            cols = torch.where(cols < 0, -cols, cols)
+            cols = torch.where(cols >= n, 2 * (n - 1) - cols, cols)
+            mat.index_put_((rows, cols), kernel[k].expand(n), accumulate=True)
+        else:
+            ok = (cols >= 0) & (cols < n)
+            mat.index_put_((rows[ok], cols[ok]), kernel[k].expand(int(ok.sum())), accumulate=True)
+    return mat
+
+
+class BicubicSuperResolution(Separable):
+    """Downsampling by ``factor`` with the antialiased bicubic filter (the Kronecker
+    product of two 1-D matrices, see ``bicubic_matrix``)."""
+
+    def __init__(self, factor: int, shape: Sequence[int], threshold: float = 1e-6):
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be a positive int, got {factor!r}")
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
+        _, h, w = (int(s) for s in shape)
+        super().__init__(shape, height=bicubic_matrix(h, factor), width=bicubic_matrix(w, factor),
+                         threshold=threshold)
+        self.factor = factor
+
+
+class Deblurring(Separable):
+    """A separable blur: ``kernel_h`` along the height, ``kernel_w`` (default the same)
+    along the width, "same" output size, ``padding`` "zero" or "reflect".
+
+    A blur's small singular values make A⁺ amplify noise without bound; those below
+    ``threshold`` times the largest count as 0. The default 1e-2 (DDRM's own code zeroes
+    below 3e-2 for its deblurring) keeps A⁺'s gain at most 100.
+    """
+
+    def __init__(self, shape: Sequence[int], kernel_h: torch.Tensor,
+                 kernel_w: Optional[torch.Tensor] = None, padding: str = "zero",
+                 threshold: float = 1e-2):
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
+        _, h, w = (int(s) for s in shape)
+        kernel_w = kernel_h if kernel_w is None else kernel_w
+        super().__init__(shape, height=convolution_matrix(h, kernel_h, padding),
+                         width=convolution_matrix(w, kernel_w, padding), threshold=threshold)
+        self.padding = padding
+
+    @classmethod
+    def gaussian(cls, shape, sigma: float, sigma_w: Optional[float] = None, **kw) -> "Deblurring":
+        return cls(shape, gaussian_kernel(sigma),
+                   gaussian_kernel(sigma if sigma_w is None else sigma_w), **kw)
+
+    @classmethod
+    def uniform(cls, shape, size: int, size_w: Optional[int] = None, **kw) -> "Deblurring":
+        return cls(shape, uniform_kernel(size), uniform_kernel(size if size_w is None else size_w), **kw)
+
+
+class Colorization(Separable):
+    """Grey from colour: y = the mean of the channels, [B, 1, H, W] (a per-pixel 1x3
+    transform, so Vᵀ mixes channels with a 3x3 orthonormal matrix)."""
+
+    def __init__(self, shape: Sequence[int]):
+        if len(shape) != 3 or int(shape[0]) != 3:
+            raise ValueError(f"shape must be (3, H, W) for colourisation, got {tuple(shape)}")
+        super().__init__(shape, channel=torch.full((1, 3), 1.0 / 3, dtype=torch.float64))
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix of size n."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    j = torch.arange(n, dtype=torch.float64)[None, :]
+    mat = torch.cos(torch.pi * (j + 0.5) * k / n) * (2.0 / n) ** 0.5
+    mat[0] /= 2 ** 0.5
+    return mat
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """The orthonormal Walsh–Hadamard matrix (Sylvester order) of size n = 2^k."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"the Hadamard transform needs a power-of-2 size, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
+class CompressedSensing(Operator):
+    """Keep a seeded random ``ratio`` of the coefficients of an orthonormal separable
+    transform (``"dct"`` or ``"hadamard"`` along height and width, per channel).
+
+    Vᵀ is the transform itself (no SVD needed), the singular values are the 0/1 mask of
+    kept coefficients and y is transform-shaped, 0 at the dropped coefficients (U = I).
+    """
+
+    def __init__(self, shape: Sequence[int], ratio: float, seed: int = 0, transform: str = "dct"):
+        super().__init__()
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
+        if not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
+        make = {"dct": dct_matrix, "hadamard": hadamard_matrix}.get(transform)
+        if make is None:
+            raise ValueError(f"transform must be 'dct' or 'hadamard', got {transform!r}")
+        self.x_shape = tuple(int(s) for s in shape)
+        self.y_shape = self.x_shape
+        C, H, W = self.x_shape
+        self._th, self._tw = make(H), make(W)
+        n = C * H * W
+        keep = max(1, round(float(ratio) * n))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        mask = torch.zeros(n, dtype=torch.float64)
+        mask[order[:keep]] = 1.0
+        self._singulars = mask.view(C, H, W)
+        self.ratio = keep / n
+
+    def Vt(self, x):
+        th = self._on(x, "th", lambda: self._th)
+        tw = self._on(x, "tw", lambda: self._tw)
+        return torch.matmul(torch.matmul(th, x), tw.T)
+
+    def V(self, z):
+        th = self._on(z, "th", lambda: self._th)
+        tw = self._on(z, "tw", lambda: self._tw)
+        return torch.matmul(torch.matmul(th.T, z), tw)
+
+    def Ut(self, y):
+        return y
+
+    def U(self, z):
+        return z

@@ -111,6 +111,28 @@ def test_divergence_guard_restarts_overflowing_iterates(schedule):
     seen = []
     res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(1), solver="picard",
                    callback=seen.append)
-    assert any(not torch.isfinite(d["residuals"]).all() for d in seen), "no overflow happened"
+    assert any(torch.isinf(d["residuals"]).any() for d in seen), "no overflow happened"
     assert res.converged
     assert (res.x0 - serial).abs().max().item() < 2 / 255
+
+
+@pytest.mark.parametrize("sampler", ["ddrm", "ddnm"])
+@pytest.mark.parametrize("task", sorted(__import__("deqir_fast.tasks", fromlist=["TASKS"]).TASKS))
+def test_parity_for_every_registered_operator(schedule, task, sampler):
+    from deqir_fast.tasks import build_operator, get_task
+    shape, S = (3, 8, 8), 20
+    gen = torch.Generator().manual_seed(len(task))
+    model = dq.testing.GaussianMixtureDenoiser(schedule, shape, seed=1)
+    op = build_operator(task, shape, seed=2)
+    truth = model.means[:2].detach() + 0.1 * torch.randn((2, *shape), generator=gen, dtype=torch.float64)
+    sigma_y = get_task(task).sigma_y
+    y = op.A(truth)
+    y = y + sigma_y * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    ts = dq.timesteps(schedule, S)
+    chain = (dq.DDRM(schedule, ts, operator=op, y=y, sigma_y=sigma_y) if sampler == "ddrm"
+             else dq.DDNM(schedule, ts, operator=op, y=y, sigma_y=sigma_y, eta=0.2))
+    x_T = torch.randn((2, *shape), generator=gen, dtype=torch.float64)
+    serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_seed(3))
+    res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(3), tol=1e-10)
+    assert res.converged
+    assert (res.x0 - serial).abs().max().item() <= 1e-8 * serial.abs().max().item()
