@@ -19,6 +19,21 @@ DEFAULT_TOL = 1e-2
 DEFAULT_FLOOR = 0.1
 
 
+class _Handle:
+    """What a backward pass needs from a forward solve (kept by ``SolveResult``)."""
+
+    def __init__(self, system, X, x_T, noise, params, solve_kw):
+        self.system, self.X, self.x_T, self.noise = system, X, x_T, noise
+        self.params = params
+        self.solve_kw = solve_kw
+        self.x0 = system.chain.from_basis(X[-1])
+
+    def gradients(self, grad_x0, params=None):
+        from .gradients import adjoint_gradients
+        return adjoint_gradients(self.system, self.X, grad_x0, x_T=self.x_T, noise=self.noise,
+                                 params=self.params if params is None else params, **self.solve_kw)
+
+
 @dataclass
 class SolveResult:
     """What ``solve`` returns. ``states``: [S, *x_T.shape], the image after each step
@@ -32,9 +47,22 @@ class SolveResult:
     residuals: torch.Tensor
     seconds: float
     stats: SolverStats
+    handle: Optional[_Handle] = None
 
 
-def _prepare(model, chain: Chain, x_T, noise, generator):
+def _draw_noise(chain: Chain, x_T, noise, generator, dtype):
+    S = chain.num_steps
+    if noise is None:
+        if chain.needs_noise:
+            return torch.randn((S, *x_T.shape), generator=generator, dtype=dtype, device=x_T.device)
+        return None
+    check_tensor("noise", noise, shape=(S, *x_T.shape))
+    if noise.device != x_T.device:
+        raise ValueError(f"noise is on {noise.device} but x_T is on {x_T.device}")
+    return noise.to(dtype)
+
+
+def _prepare(model, chain: Chain, x_T, noise, generator, with_grad: bool = False):
     if not isinstance(chain, Chain):
         raise TypeError(f"chain must be a deqir_fast chain (DDIM, DDRM, DDNM), "
                         f"got {type(chain).__name__}")
@@ -43,19 +71,11 @@ def _prepare(model, chain: Chain, x_T, noise, generator):
     check_tensor("x_T", x_T)
     chain.check_inputs(x_T)
     dtype = state_dtype(x_T.dtype)
-    x_T = x_T.to(dtype)
-    S = chain.num_steps
-    if noise is None:
-        if chain.needs_noise:
-            noise = torch.randn((S, *x_T.shape), generator=generator, dtype=dtype,
-                                device=x_T.device)
-    else:
-        check_tensor("noise", noise, shape=(S, *x_T.shape))
-        if noise.device != x_T.device:
-            raise ValueError(f"noise is on {noise.device} but x_T is on {x_T.device}")
-        noise = noise.to(dtype)
-    coeffs = chain.coefficients(x_T, noise if chain.needs_noise else None)
-    return ChainSystem(model, chain, coeffs)
+    noise = _draw_noise(chain, x_T, noise, generator, dtype)
+    with torch.set_grad_enabled(with_grad):
+        source = x_T if with_grad else x_T.detach()
+        coeffs = chain.coefficients(source.to(dtype), noise if chain.needs_noise else None)
+    return ChainSystem(model, chain, coeffs), noise
 
 
 @torch.no_grad()
@@ -70,26 +90,29 @@ def sample_serial(model: Model, chain: Chain, x_T: torch.Tensor,
     ``x_T`` and ``noise`` ([S, *x_T.shape]) are standard-normal draws in the chain's
     basis; with ``noise=None`` it is drawn from ``generator`` exactly as ``solve`` does.
     """
-    system = _prepare(model, chain, x_T, noise, generator)
+    system, _ = _prepare(model, chain, x_T, noise, generator)
     U = system.serial(callback)
     states = chain.from_basis(U.flatten(0, 1)).view_as(U)
     return states if return_states else states[-1]
 
 
-@torch.no_grad()
+GRADS = ("ift", "phantom", "unrolled")
+
+
 def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.Tensor] = None,
           generator: Optional[torch.Generator] = None, solver: str = "triangular_anderson",
           tol: float = DEFAULT_TOL, max_iter: Optional[int] = None, window: Optional[int] = None,
           init="x_T", floor: float = DEFAULT_FLOOR, history: int = 4,
           lam: float = 1e-4, beta: float = 1.0,
-          callback: Optional[Callable[[dict], None]] = None) -> SolveResult:
+          callback: Optional[Callable[[dict], None]] = None, grad: str = "ift",
+          grad_tol: float = 1e-8, phantom_steps: int = 5, phantom_damping: float = 0.5,
+          ) -> SolveResult:
     """Solve the whole sampling chain as one fixed-point system, in parallel.
 
     Each round evaluates ``model`` once on every active step's state (a batch of
     window x B images) and rebuilds all states with the affine scan. Steps converge
-    front to back and are frozen once their residual, in noise units, is below
-    ``tol``; with ``max_iter >= S`` (the default) the result always reaches the serial
-    sampler's.
+    front to back and are frozen once the steps before them have converged; with
+    ``max_iter >= S`` (the default) the result always reaches the serial sampler's.
 
     Args:
         model: ``model(x, t) -> eps``, x: [N, C, H, W], t: LongTensor [N].
@@ -108,9 +131,19 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
         history, lam, beta: Anderson history size, regularisation and damping.
         callback: called after every round with a dict (iteration, window,
             residuals, nfe).
+        grad: when ``x_T`` or the chain's ``y`` requires grad, ``res.x0`` is
+            differentiable: ``"ift"`` solves the adjoint (upper-triangular) system in
+            parallel rounds of one batched vector–Jacobian product (to ``grad_tol``,
+            relative to max|dL/dx0|); ``"phantom"`` backpropagates through
+            ``phantom_steps`` damped rounds X <- (1-τ)X + τF(X) from the solution
+            (τ = ``phantom_damping``; cheap, approximate); ``"unrolled"`` through the
+            serial chain (the reference; S model calls with a graph). The model's
+            parameters that require grad receive gradients too.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     if not (isinstance(floor, (int, float)) and floor > 0):
@@ -119,27 +152,89 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
     check_positive_int("window", window, allow_none=True)
     check_positive_int("history", history)
     start = time.perf_counter()
-    system = _prepare(model, chain, x_T, noise, generator)
+    system, noise = _prepare(model, chain, x_T, noise, generator)
     u0 = system.coeffs.u0
     S = chain.num_steps
     extra_nfe = 0
-    if isinstance(init, str):
-        if init == "x_T":
-            X = u0.unsqueeze(0).repeat(S, *([1] * u0.dim()))
-        elif init == "jump":
-            X = system.jump_init()
-            extra_nfe = 1
+    with torch.no_grad():
+        if isinstance(init, str):
+            if init == "x_T":
+                X = u0.unsqueeze(0).repeat(S, *([1] * u0.dim()))
+            elif init == "jump":
+                X = system.jump_init()
+                extra_nfe = 1
+            else:
+                raise ValueError(f"init must be 'x_T', 'jump' or a states tensor, got {init!r}")
         else:
-            raise ValueError(f"init must be 'x_T', 'jump' or a states tensor, got {init!r}")
-    else:
-        check_tensor("init", init, shape=(S, *x_T.shape))
-        X = chain.to_basis(init.to(u0).flatten(0, 1)).view(S, *u0.shape).clone()
-    X, stats = fixed_point_solve(system, X, solver=solver, tol=float(tol), floor=float(floor),
-                                 max_iter=max_iter, window=window, history=history,
-                                 lam=lam, beta=beta, callback=callback)
-    stats.nfe += extra_nfe
-    states = chain.from_basis(X.flatten(0, 1)).view_as(X)
-    return SolveResult(x0=states[-1], states=states, iterations=stats.iterations,
+            check_tensor("init", init, shape=(S, *x_T.shape))
+            X = chain.to_basis(init.detach().to(u0).flatten(0, 1)).view(S, *u0.shape).clone()
+        solve_kw = dict(solver=solver, history=history, lam=lam, beta=beta)
+        X, stats = fixed_point_solve(system, X, tol=float(tol), floor=float(floor),
+                                     max_iter=max_iter, window=window, callback=callback,
+                                     **solve_kw)
+        stats.nfe += extra_nfe
+        states = chain.from_basis(X.flatten(0, 1)).view_as(X)
+    params = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
+    handle = _Handle(system, X, x_T, noise, params, dict(solve_kw, tol=grad_tol))
+    x0 = states[-1]
+    y = getattr(chain, "y", None)
+    if torch.is_grad_enabled() and (x_T.requires_grad or (y is not None and y.requires_grad)):
+        x0 = _differentiable_x0(handle, model, chain, grad, phantom_steps, phantom_damping)
+    return SolveResult(x0=x0, states=states, iterations=stats.iterations,
                        nfe=stats.nfe, converged=stats.converged,
                        residuals=stats.residual_trace, seconds=time.perf_counter() - start,
-                       stats=stats)
+                       stats=stats, handle=handle)
+
+
+def _differentiable_x0(handle: _Handle, model, chain, grad, phantom_steps, phantom_damping):
+    from .gradients import _ImplicitX0
+    x_T = handle.x_T
+    y = getattr(chain, "y", None)
+    if grad == "ift":
+        y_in = y if y is not None else x_T.new_zeros(0)
+        return _ImplicitX0.apply(handle, x_T, y_in, *handle.params)
+    value = handle.x0.detach()
+    if grad == "unrolled":
+        with torch.enable_grad():
+            system, _ = _prepare(model, chain, x_T, handle.noise, None, with_grad=True)
+            ref = chain.from_basis(system.serial()[-1])
+    else:
+        check_positive_int("phantom_steps", phantom_steps)
+        with torch.enable_grad():
+            coeffs = chain.coefficients(x_T.to(handle.X.dtype), handle.noise)
+            system = ChainSystem(model, chain, coeffs)
+            X = handle.X.detach()
+            for _ in range(phantom_steps):
+                X = (1 - phantom_damping) * X + phantom_damping * system.evaluate(X, 0, X.shape[0])
+            ref = chain.from_basis(X[-1])
+    return value + (ref - ref.detach())
+
+
+def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
+             tol: Optional[float] = None) -> dict:
+    """Gradients of a loss L(x0) from dL/dx0, without a stored autograd graph.
+
+    Solves the adjoint system of ``result``'s chain (the same solver as the forward
+    solve; ``tol`` relative to max|grad_x0|, default 1e-8) and returns
+    ``{"x_T": dL/dx_T, "y": dL/dy or None, "rounds": adjoint rounds}``. With
+    ``params=True`` the model's parameters that require grad get dL/dθ added to
+    their ``.grad``.
+    """
+    if not isinstance(result, SolveResult) or result.handle is None:
+        raise TypeError("result must be the SolveResult of deqir_fast.solve")
+    h = result.handle
+    check_tensor("grad_x0", grad_x0, shape=tuple(h.x0.shape))
+    kw = dict(h.solve_kw)
+    if tol is not None:
+        kw["tol"] = float(tol)
+    from .gradients import adjoint_gradients
+    x_T = h.x_T.detach().requires_grad_(True)
+    y = getattr(h.system.chain, "y", None)
+    y = None if y is None else y.detach().requires_grad_(True)
+    out = adjoint_gradients(h.system, h.X, grad_x0, x_T=x_T, noise=h.noise, y=y,
+                            params=h.params if params else [], **kw)
+    if params:
+        for p, g in zip(h.params, out["params"]):
+            if g is not None:
+                p.grad = g.detach().clone() if p.grad is None else p.grad + g
+    return {"x_T": out["x_T"], "y": out["y"], "rounds": out["stats"].iterations}

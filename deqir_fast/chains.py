@@ -92,8 +92,11 @@ class Chain:
         if x_T.dim() != 4:
             raise ValueError(f"x_T must have shape [B, C, H, W], got {tuple(x_T.shape)}")
 
-    def coefficients(self, x_T: torch.Tensor, noise: Optional[torch.Tensor]) -> StepCoefficients:
-        """The affine maps for this x_T (state dtype/device) and noise [S, *x_T.shape]."""
+    def coefficients(self, x_T: torch.Tensor, noise: Optional[torch.Tensor],
+                     y: Optional[torch.Tensor] = None) -> StepCoefficients:
+        """The affine maps for this x_T (state dtype/device), noise [S, *x_T.shape] and
+        measurement (default the chain's ``y``; pass another tensor with the same
+        values to differentiate with respect to it)."""
         like = x_T
         S = self.num_steps
         a = self.alpha.view(S, 1, 1, 1, 1)
@@ -103,22 +106,22 @@ class Chain:
         Q = kE - k0 * (1.0 - a).sqrt() / a.sqrt()
         R = None
         if kY is not None:
-            ybar = self._ybar(like).to(torch.float64).unsqueeze(0)
+            ybar = self._ybar(like, y).to(torch.float64).unsqueeze(0)
             R = kY * ybar
         if kZ is not None and noise is not None and bool((kZ != 0).any()):
             Rz = kZ.to(like) * noise
             R = Rz if R is None else R.to(like) + Rz
         if R is not None:
             R = R.to(like)
-        return StepCoefficients(P.to(like), Q.to(like), R, self._initial_state(x_T))
+        return StepCoefficients(P.to(like), Q.to(like), R, self._initial_state(x_T, y))
 
     def _k(self, a, an):
         raise NotImplementedError
 
-    def _ybar(self, like) -> torch.Tensor:
+    def _ybar(self, like, y=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _initial_state(self, x_T: torch.Tensor) -> torch.Tensor:
+    def _initial_state(self, x_T: torch.Tensor, y=None) -> torch.Tensor:
         return x_T
 
     def __repr__(self) -> str:
@@ -162,8 +165,8 @@ class _Restoration(Chain):
         self.operator.check_x("x_T", x_T)
         self.operator.check_y("y", self.y, tuple(x_T.shape))
 
-    def _ybar(self, like):
-        return self.operator.Ut(self.y.to(like))
+    def _ybar(self, like, y=None):
+        return self.operator.Ut((self.y if y is None else y).to(like))
 
     def _s(self, like=None) -> torch.Tensor:
         return self.operator.singulars.to(torch.float64)
@@ -209,7 +212,7 @@ class DDRM(_Restoration):
         r = an.sqrt()
         return r * c0, r * cE, r * cY, r * cZ
 
-    def _initial_state(self, x_T):
+    def _initial_state(self, x_T, y=None):
         # p(x_T | y) (Sec. 3): x̄_T = ȳ/s + sqrt(σ_T² - σ_y²/s²) z where s σ_T > σ_y,
         # else σ_T z; the variance-preserving state is sqrt(a_0) x̄_T.
         a0 = float(self.alpha[0])
@@ -217,7 +220,7 @@ class DDRM(_Restoration):
         s = self.operator.singulars_as(x_T)
         seen = (s > 0) & (s * sT > self.sigma_y)
         inv_s = _safe_div(torch.ones_like(s), s)
-        ybar = self._ybar(x_T)
+        ybar = self._ybar(x_T, y)
         spread = torch.where(seen, (sT ** 2 - (self.sigma_y * inv_s) ** 2).clamp_min(0).sqrt(),
                              torch.full_like(s, sT))
         mean = torch.where(seen, ybar * inv_s, torch.zeros_like(ybar))

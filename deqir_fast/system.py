@@ -54,6 +54,10 @@ class ChainSystem:
     def num_steps(self) -> int:
         return self.chain.num_steps
 
+    def residual_scale(self, floor: float) -> torch.Tensor:
+        """[S] float64: residuals are measured in units of max(σ_i, floor)."""
+        return 1.0 / self.chain.noise_levels.clamp_min(floor)
+
     def carry(self, X: torch.Tensor, lo: int) -> torch.Tensor:
         """The state entering step ``lo``."""
         return self.coeffs.u0 if lo == 0 else X[lo - 1]
