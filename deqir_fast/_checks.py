@@ -23,19 +23,21 @@ def check_tensor(name: str, value, *, ndim: int | None = None, shape=None,
     return value
 
 
-def check_unit_interval(name: str, value) -> float:
+def _real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    return float(value)
+
+
+def check_unit_interval(name: str, value) -> float:
+    value = _real(name, value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return value
 
 
 def check_nonnegative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = _real(name, value)
     if not (value >= 0.0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value

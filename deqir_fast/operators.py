@@ -117,7 +117,23 @@ class Operator:
         return f"{type(self).__name__}(x_shape={_fmt(self.x_shape)}, y_shape={_fmt(self.y_shape)})"
 
 
-class Masked(Operator):
+class _PixelBasis(Operator):
+    """Operators diagonal in pixel space: V = U = I."""
+
+    def Vt(self, x):
+        return x
+
+    def V(self, z):
+        return z
+
+    def Ut(self, y):
+        return y
+
+    def U(self, z):
+        return z
+
+
+class Masked(_PixelBasis):
     """A = diag(mask): V = U = I, the singular values are the 0/1 mask itself and y is
     image-shaped, 0 where unobserved. The base of pixel inpainting."""
 
@@ -137,18 +153,6 @@ class Masked(Operator):
             self.x_shape = tuple(m.shape)
         self.y_shape = self.x_shape
         self._singulars = m
-
-    def Vt(self, x):
-        return x
-
-    def V(self, z):
-        return z
-
-    def Ut(self, y):
-        return y
-
-    def U(self, z):
-        return z
 
 
 class Inpainting(Masked):
@@ -177,7 +181,7 @@ class Inpainting(Masked):
         return cls((rand >= float(missing)).to(torch.float64))
 
 
-class Identity(Operator):
+class Identity(_PixelBasis):
     """Denoising: A = I, for images of any shape (or of ``shape`` = (C, H, W) if given)."""
 
     def __init__(self, shape: Optional[Sequence[int]] = None):
@@ -185,18 +189,6 @@ class Identity(Operator):
         self.x_shape = (None, None, None) if shape is None else tuple(int(s) for s in shape)
         self.y_shape = self.x_shape
         self._singulars = torch.ones(1, 1, 1, dtype=torch.float64)
-
-    def Vt(self, x):
-        return x
-
-    def V(self, z):
-        return z
-
-    def Ut(self, y):
-        return y
-
-    def U(self, z):
-        return z
 
 
 def _mode_apply(x: torch.Tensor, matrix: Optional[torch.Tensor], dim: int) -> torch.Tensor:
@@ -308,14 +300,16 @@ class SuperResolution(Separable):
     """Downsampling by averaging ``factor`` x ``factor`` blocks (``avg_pool2d``) of
     images of ``shape`` = (C, H, W); y: [B, C, H/factor, W/factor]."""
 
+    _filter = staticmethod(lambda n, factor: block_average_matrix(n, factor))
+
     def __init__(self, factor: int, shape: Sequence[int], threshold: float = 1e-6):
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be a positive int, got {factor!r}")
         if len(shape) != 3:
             raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
         _, h, w = (int(s) for s in shape)
-        super().__init__(shape, height=block_average_matrix(h, factor),
-                         width=block_average_matrix(w, factor), threshold=threshold)
+        super().__init__(shape, height=self._filter(h, factor), width=self._filter(w, factor),
+                         threshold=threshold)
         self.factor = factor
 
 
@@ -387,19 +381,11 @@ def convolution_matrix(n: int, kernel: torch.Tensor, padding: str = "zero") -> t
     return mat
 
 
-class BicubicSuperResolution(Separable):
+class BicubicSuperResolution(SuperResolution):
     """Downsampling by ``factor`` with the antialiased bicubic filter (the Kronecker
     product of two 1-D matrices, see ``bicubic_matrix``)."""
 
-    def __init__(self, factor: int, shape: Sequence[int], threshold: float = 1e-6):
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive int, got {factor!r}")
-        if len(shape) != 3:
-            raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
-        _, h, w = (int(s) for s in shape)
-        super().__init__(shape, height=bicubic_matrix(h, factor), width=bicubic_matrix(w, factor),
-                         threshold=threshold)
-        self.factor = factor
+    _filter = staticmethod(lambda n, factor: bicubic_matrix(n, factor))
 
 
 class Deblurring(Separable):

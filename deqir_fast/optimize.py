@@ -68,7 +68,8 @@ def optimize_init(model, chain: Chain, x_T: torch.Tensor,
     z = x_T.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     out = InitOptimization(x_T=z, x0=None)
-    init = solve_kw.pop("init", "x_T")
+    from .api import DEFAULT_INIT
+    init = solve_kw.pop("init", DEFAULT_INIT)
     for step in range(steps + 1):
         res = solve(model, chain, z, noise=noise, init=init, **solve_kw)
         out.rounds.append(res.iterations)

@@ -46,14 +46,15 @@ class SolverStats:
 def fixed_point_solve(system: ChainSystem, X: torch.Tensor, *, solver: str = "triangular_anderson",
                       tol: float = 1e-2, floor: float = 0.1, max_iter: Optional[int] = None,
                       window: Optional[int] = None, history: int = 4, lam: float = 1e-4,
-                      beta: float = 1.0, callback: Optional[Callable] = None):
+                      beta: float = 1.0, callback: Optional[Callable] = None,
+                      initial_nfe: int = 0):
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     S = system.num_steps
     max_iter = S if max_iter is None else max_iter
     w = S if window is None else min(window, S)
     scale = system.residual_scale(floor)                          # [S] float64, host
-    stats = SolverStats()
+    stats = SolverStats(nfe=initial_nfe)       # evaluations spent on the initial guess
     lo, hi = 0, w
     X_hist: list = []
     G_hist: list = []

@@ -101,6 +101,9 @@ def test_cli_restore_end_to_end(tmp_path, capsys):
     assert cli.main(["restore", str(tmp_path / "low.png"), "--task", "sr2", "--steps", "4",
                      "--serial", "--out", str(tmp_path / "b.png"), "--quiet"]) == 0
     assert Image.open(tmp_path / "b.png").size == (32, 32)
+    assert cli.main(["restore", str(tmp_path / "clean.png"), "--task", "sr4", "--simulate",
+                     "--steps", "3", "--optimize-init", "2", "--out", str(tmp_path / "c.png")]) == 0
+    assert "initialization optimized over 2 steps" in capsys.readouterr().out
     # clear errors: unreadable file, wrong size, unknown task
     (tmp_path / "junk.png").write_text("not an image")
     assert cli.main(["restore", str(tmp_path / "junk.png"), "--task", "sr2"]) == 2

@@ -62,10 +62,12 @@ def test_float32_default_tolerance_within_one_grey_level(schedule, solver):
 
 def test_max_iter_too_small_is_not_converged(schedule):
     model, chain, x_T = make_problem(schedule, "ddim", None, 30, 1, seed=2)
-    res = dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=3)
+    res = dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=3, init="x_T")
     assert res.iterations == 3 and not res.converged
     assert res.residuals.shape == (3, 30)
     assert res.nfe == 30 + 29 + 28
+    # the jump guess costs one more step evaluation (the model call at step 0)
+    assert dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=3, init="jump").nfe == 88
 
 
 def test_warm_start_from_solution_converges_in_one_round(schedule):

@@ -1,0 +1,123 @@
+"""Gradient benchmarks on the bundled model (issue: implicit gradients).
+
+    OMP_NUM_THREADS=1 python bench/gradients.py cost --steps 20,100
+    OMP_NUM_THREADS=1 python bench/gradients.py optimize --images 4 --opt-steps 10
+
+``cost``: backward cost of dL/dx_T (L = ||A x0 - y||²) for DDRM SR x2: the implicit
+adjoint (rounds of one batched VJP) against autograd through the serial chain — rounds,
+seconds and the peak resident memory each run adds (each measured in a fresh process).
+``optimize``: initialization optimization with the measurement-consistency loss on the
+held-out images: PSNR before and after, and solver rounds of warm vs cold solves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import deqir_fast as dq
+from deqir_fast.models import bundled_model, heldout_images
+from deqir_fast.tasks import build_operator
+
+
+def problem(steps, images=1, task="sr2", sigma_y=0.0):
+    truth = heldout_images()[:images]
+    op = build_operator(task, truth.shape[1:])
+    y = op.A(truth)
+    y = y + sigma_y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    sched = dq.Schedule.linear(1000)
+    chain = dq.DDRM(sched, dq.timesteps(sched, steps), operator=op, y=y, sigma_y=sigma_y)
+    x_T = torch.randn(truth.shape, generator=torch.Generator().manual_seed(1))
+    return chain, x_T, truth
+
+
+def one_cost_run(mode: str, steps: int) -> dict:
+    """Runs in a child process: one forward + backward, reports time and peak RSS."""
+    model = bundled_model()
+    chain, x_T, _ = problem(steps)
+    A, y = chain.operator.A, chain.y
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"mode": mode, "steps": steps}
+    t0 = time.perf_counter()
+    if mode == "ift":          # parallel solve, then the adjoint in parallel rounds
+        res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(2))
+        t1 = time.perf_counter()
+        g = dq.backward(res, 2 * chain.operator.At(A(res.x0) - y))
+        grad, out["forward_rounds"], out["adjoint_rounds"] = g["x_T"], res.iterations, g["rounds"]
+    else:                      # autograd through the serial chain
+        x = x_T.clone().requires_grad_(True)
+        x0 = dq.sample_serial(model, chain, x, generator=torch.Generator().manual_seed(2))
+        t1 = time.perf_counter()
+        (A(x0) - y).pow(2).sum().backward()
+        grad = x.grad
+    out.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1, grad_norm=grad.norm().item(),
+               peak_rss_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    return out
+
+
+def cost(args):
+    print("| S | gradient | forward rounds | adjoint rounds | forward s | backward s | peak RSS added MB | norm of dL/dx_T |")
+    print("|---|---|---|---|---|---|---|---|")
+    for steps in [int(s) for s in args.steps.split(",")]:
+        for mode in ("ift", "autograd"):
+            raw = subprocess.run([sys.executable, __file__, "_cost", mode, str(steps)],
+                                 capture_output=True, text=True, check=True).stdout
+            r = json.loads(raw.strip().splitlines()[-1])
+            print(f"| {steps} | {mode} | {r.get('forward_rounds', steps)} | {r.get('adjoint_rounds', '-')} | "
+                  f"{r['forward_s']:.1f} | {r['backward_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                  f"{r['grad_norm']:.4e} |", flush=True)
+
+
+def optimize(args):
+    from deqir_fast.cli import quality
+    model = bundled_model()
+    chain, x_T, truth = problem(args.steps, args.images, args.task, args.sigma_y)
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    before = dq.solve(model, chain, x_T, generator=gen())
+    rows = {}
+    for warm in (True, False):
+        t0 = time.perf_counter()
+        opt = dq.optimize_init(model, chain, x_T, loss="measurement", steps=args.opt_steps,
+                               lr=args.lr, generator=gen(), warm_start=warm)
+        rows[warm] = (opt, time.perf_counter() - t0)
+    opt = rows[True][0]
+    consistency = lambda x0: float((chain.operator.A(x0) - chain.y).pow(2).sum())  # noqa: E731
+    print(f"task {args.task}, sigma_y {args.sigma_y}, DDRM-{args.steps}, {args.images} held-out "
+          f"images, Adam lr {args.lr}, {args.opt_steps} steps")
+    print(f"| | PSNR | SSIM | ||A x0 - y||² |")
+    print("|---|---|---|---|")
+    print(f"| before | {quality(before.x0, truth)[0]:.2f} | {quality(before.x0, truth)[1]:.3f} | "
+          f"{consistency(before.x0):.4g} |")
+    print(f"| after | {quality(opt.x0, truth)[0]:.2f} | {quality(opt.x0, truth)[1]:.3f} | "
+          f"{consistency(opt.x0):.4g} |")
+    for warm, (o, secs) in rows.items():
+        print(f"{'warm' if warm else 'cold'} starts: rounds per solve {o.rounds}, "
+              f"total {sum(o.rounds)}, {secs:.1f} s")
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_cost":
+        print(json.dumps(one_cost_run(sys.argv[2], int(sys.argv[3]))))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cost")
+    c.add_argument("--steps", default="20,100")
+    o = sub.add_parser("optimize")
+    o.add_argument("--steps", type=int, default=20)
+    o.add_argument("--images", type=int, default=4)
+    o.add_argument("--task", default="sr4")
+    o.add_argument("--sigma_y", type=float, default=0.0)
+    o.add_argument("--opt-steps", type=int, default=10)
+    o.add_argument("--lr", type=float, default=0.05)
+    args = p.parse_args()
+    cost(args) if args.cmd == "cost" else optimize(args)
+
+
+if __name__ == "__main__":
+    main()
