@@ -15,6 +15,7 @@ setup(
     install_requires=["torch>=2.13", "numpy"],
     extras_require={
         "demo": ["diffusers", "safetensors", "scikit-image", "matplotlib", "tqdm", "pillow"],
+        "deepinv": ["deepinv"],
     },
     entry_points={"console_scripts": ["deqir-fast = deqir_fast.cli:main"]},
 )

@@ -3,11 +3,14 @@
     OMP_NUM_THREADS=1 python bench/gradients.py cost --steps 20,100
     OMP_NUM_THREADS=1 python bench/gradients.py optimize --images 4 --opt-steps 10
 
-``cost``: backward cost of dL/dx_T (L = ||A x0 - y||²) for DDRM SR x2: the implicit
+``cost``: backward cost of dL/dx_T (L = ||x0 - ground truth||²) for DDIM: the implicit
 adjoint (rounds of one batched VJP) against autograd through the serial chain — rounds,
 seconds and the peak resident memory each run adds (each measured in a fresh process).
+DDIM because x0 depends on x_T there: a stochastic chain (DDRM with eta 0.85) forgets
+x_T geometrically (about sqrt(1 - eta²) = 0.53 per step), and dL/dx_T underflows.
 ``optimize``: initialization optimization with the measurement-consistency loss on the
-held-out images: PSNR before and after, and solver rounds of warm vs cold solves.
+held-out images (DDRM with ``--eta``, default 0: deterministic): PSNR before and after,
+and solver rounds of warm vs cold solves.
 """
 from __future__ import annotations
 
@@ -25,13 +28,17 @@ from deqir_fast.models import bundled_model, heldout_images
 from deqir_fast.tasks import build_operator
 
 
-def problem(steps, images=1, task="sr2", sigma_y=0.0):
+def problem(steps, images=1, task="sr2", sigma_y=0.0, eta=0.0, kind="ddrm"):
     truth = heldout_images()[:images]
-    op = build_operator(task, truth.shape[1:])
-    y = op.A(truth)
-    y = y + sigma_y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
     sched = dq.Schedule.linear(1000)
-    chain = dq.DDRM(sched, dq.timesteps(sched, steps), operator=op, y=y, sigma_y=sigma_y)
+    ts = dq.timesteps(sched, steps)
+    if kind == "ddim":
+        chain = dq.DDIM(sched, ts)
+    else:
+        op = build_operator(task, truth.shape[1:])
+        y = op.A(truth)
+        y = y + sigma_y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        chain = dq.DDRM(sched, ts, operator=op, y=y, sigma_y=sigma_y, eta=eta)
     x_T = torch.randn(truth.shape, generator=torch.Generator().manual_seed(1))
     return chain, x_T, truth
 
@@ -39,44 +46,49 @@ def problem(steps, images=1, task="sr2", sigma_y=0.0):
 def one_cost_run(mode: str, steps: int) -> dict:
     """Runs in a child process: one forward + backward, reports time and peak RSS."""
     model = bundled_model()
-    chain, x_T, _ = problem(steps)
-    A, y = chain.operator.A, chain.y
+    chain, x_T, truth = problem(steps, kind="ddim")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"mode": mode, "steps": steps}
     t0 = time.perf_counter()
-    if mode == "ift":          # parallel solve, then the adjoint in parallel rounds
+    if mode.startswith("ift"):  # parallel solve, then the adjoint in parallel rounds
         res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(2))
         t1 = time.perf_counter()
-        g = dq.backward(res, 2 * chain.operator.At(A(res.x0) - y))
+        tol = float(mode.split("@")[1]) if "@" in mode else None
+        g = dq.backward(res, 2 * (res.x0 - truth), tol=tol)
         grad, out["forward_rounds"], out["adjoint_rounds"] = g["x_T"], res.iterations, g["rounds"]
     else:                      # autograd through the serial chain
         x = x_T.clone().requires_grad_(True)
         x0 = dq.sample_serial(model, chain, x, generator=torch.Generator().manual_seed(2))
         t1 = time.perf_counter()
-        (A(x0) - y).pow(2).sum().backward()
+        (x0 - truth).pow(2).sum().backward()
         grad = x.grad
     out.update(forward_s=t1 - t0, backward_s=time.perf_counter() - t1, grad_norm=grad.norm().item(),
                peak_rss_mb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    if mode.startswith("ift"):   # accuracy against autograd through the serial chain
+        x = x_T.clone().requires_grad_(True)
+        x0 = dq.sample_serial(model, chain, x, generator=torch.Generator().manual_seed(2))
+        (x0 - truth).pow(2).sum().backward()
+        out["rel_err"] = ((grad - x.grad).norm() / x.grad.norm()).item()
     return out
 
 
 def cost(args):
-    print("| S | gradient | forward rounds | adjoint rounds | forward s | backward s | peak RSS added MB | norm of dL/dx_T |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| S | gradient | forward rounds | adjoint rounds | forward s | backward s | peak RSS added MB | norm of dL/dx_T | rel. error vs autograd |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for steps in [int(s) for s in args.steps.split(",")]:
-        for mode in ("ift", "autograd"):
+        for mode in ("ift", "ift@1e-3", "autograd"):
             raw = subprocess.run([sys.executable, __file__, "_cost", mode, str(steps)],
                                  capture_output=True, text=True, check=True).stdout
             r = json.loads(raw.strip().splitlines()[-1])
             print(f"| {steps} | {mode} | {r.get('forward_rounds', steps)} | {r.get('adjoint_rounds', '-')} | "
                   f"{r['forward_s']:.1f} | {r['backward_s']:.1f} | {r['peak_rss_mb']:.0f} | "
-                  f"{r['grad_norm']:.4e} |", flush=True)
+                  f"{r['grad_norm']:.4e} | {r.get('rel_err', float('nan')):.1e} |", flush=True)
 
 
 def optimize(args):
     from deqir_fast.cli import quality
     model = bundled_model()
-    chain, x_T, truth = problem(args.steps, args.images, args.task, args.sigma_y)
+    chain, x_T, truth = problem(args.steps, args.images, args.task, args.sigma_y, args.eta)
     gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
     before = dq.solve(model, chain, x_T, generator=gen())
     rows = {}
@@ -87,7 +99,7 @@ def optimize(args):
         rows[warm] = (opt, time.perf_counter() - t0)
     opt = rows[True][0]
     consistency = lambda x0: float((chain.operator.A(x0) - chain.y).pow(2).sum())  # noqa: E731
-    print(f"task {args.task}, sigma_y {args.sigma_y}, DDRM-{args.steps}, {args.images} held-out "
+    print(f"task {args.task}, sigma_y {args.sigma_y}, DDRM-{args.steps} eta {args.eta}, {args.images} held-out "
           f"images, Adam lr {args.lr}, {args.opt_steps} steps")
     print(f"| | PSNR | SSIM | ||A x0 - y||² |")
     print("|---|---|---|---|")
@@ -113,6 +125,7 @@ def main():
     o.add_argument("--images", type=int, default=4)
     o.add_argument("--task", default="sr4")
     o.add_argument("--sigma_y", type=float, default=0.0)
+    o.add_argument("--eta", type=float, default=0.0)
     o.add_argument("--opt-steps", type=int, default=10)
     o.add_argument("--lr", type=float, default=0.05)
     args = p.parse_args()

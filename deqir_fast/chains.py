@@ -99,8 +99,9 @@ class Chain:
         values to differentiate with respect to it)."""
         like = x_T
         S = self.num_steps
-        a = self.alpha.view(S, 1, 1, 1, 1)
-        an = self.alpha_next.view(S, 1, 1, 1, 1)
+        # Coefficients in float64 on the state's device, cast once at the end.
+        a = self.alpha.to(like.device).view(S, 1, 1, 1, 1)
+        an = self.alpha_next.to(like.device).view(S, 1, 1, 1, 1)
         k0, kE, kY, kZ = self._k(a, an)
         P = k0 / a.sqrt()
         Q = kE - k0 * (1.0 - a).sqrt() / a.sqrt()
@@ -168,8 +169,8 @@ class _Restoration(Chain):
     def _ybar(self, like, y=None):
         return self.operator.Ut((self.y if y is None else y).to(like))
 
-    def _s(self, like=None) -> torch.Tensor:
-        return self.operator.singulars.to(torch.float64)
+    def _s(self, device) -> torch.Tensor:
+        return self.operator.singulars.to(device=device, dtype=torch.float64)
 
 
 class DDRM(_Restoration):
@@ -184,7 +185,7 @@ class DDRM(_Restoration):
         self.eta_b = check_unit_interval("eta_b", eta_b)
 
     def _cases(self, sigma_next):
-        s = self._s()
+        s = self._s(sigma_next.device)
         before = (s > 0) & (s * sigma_next > self.sigma_y)   # noisier than y
         after = (s > 0) & (s * sigma_next < self.sigma_y)    # less noisy than y
         return s, before, after
@@ -242,7 +243,7 @@ class DDNM(_Restoration):
         self.eta = check_unit_interval("eta", eta)
 
     def _k(self, a, an):
-        s = self._s()
+        s = self._s(an.device)
         sn = (1 - an).sqrt()                                 # σ' (VP)
         inv_s = _safe_div(torch.ones_like(s), s)
         y_noise = an.sqrt() * self.sigma_y * inv_s           # std of sqrt(a') A⁺y's noise

@@ -65,8 +65,24 @@ def degrade(task_name: str, truth: torch.Tensor, seed: int):
     op = build_operator(task_name, truth.shape[1:], seed)
     gen = torch.Generator().manual_seed(seed + 1)
     clean = op.A(truth)
-    y = clean + task.sigma_y * torch.randn(clean.shape, generator=gen)
-    return op, y, task.sigma_y
+    noise = torch.randn(clean.shape, generator=gen).to(clean)
+    return op, clean + task.sigma_y * noise, task.sigma_y
+
+
+def device_of(args) -> torch.device:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def generator(args, offset: int) -> torch.Generator:
+    """A seeded generator on the run's device (noise is drawn where the state lives)."""
+    return torch.Generator(device=device_of(args)).manual_seed(args.seed + offset)
+
+
+def initial_noise(args, shape) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + 2)).to(device_of(args))
 
 
 class RoundBar:
@@ -86,7 +102,10 @@ class RoundBar:
 
 
 # -- demo -----------------------------------------------------------------------------
-DEMO_TASKS = ("denoise", "inpaint_random", "inpaint_box", "sr2", "sr4")
+# Six tasks at 20 steps keep the demo near a minute on 2 CPU cores (measured 1.5 min for
+# 13 tasks). Compressed sensing is left out: a random 25-50% of the DCT coefficients
+# misses most of the low frequencies and DDRM-20 restores 11-14 dB (bench/RESULTS.md).
+DEMO_TASKS = ("denoise", "inpaint_random", "inpaint_box", "sr4", "deblur_gauss", "colorize")
 
 
 def run_demo(args) -> int:
@@ -94,8 +113,9 @@ def run_demo(args) -> int:
 
     from .models import bundled_model, heldout_images
     torch.manual_seed(args.seed)
-    model = bundled_model(max_batch=args.max_batch)
-    truth = heldout_images()[: args.images]
+    device = device_of(args)
+    model = bundled_model(max_batch=args.max_batch).to(device)
+    truth = heldout_images()[: args.images].to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shape = tuple(truth.shape[1:])
@@ -106,12 +126,12 @@ def run_demo(args) -> int:
     for name in tqdm(tasks, desc="tasks", disable=args.quiet):
         op, y, sigma_y = degrade(name, truth, args.seed)
         chain = make_chain(args.sampler, args.steps, op, y, sigma_y)
-        x_T = torch.randn(truth.shape, generator=torch.Generator().manual_seed(args.seed + 2))
+        x_T = initial_noise(args, truth.shape)
         t0 = time.perf_counter()
-        serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_seed(args.seed + 3))
+        serial = dq.sample_serial(model, chain, x_T, generator=generator(args, 3))
         t_serial = time.perf_counter() - t0
         bar = RoundBar(f"{name} parallel", args.steps, args.quiet)
-        res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(args.seed + 3),
+        res = dq.solve(model, chain, x_T, generator=generator(args, 3),
                        solver=args.solver, tol=args.tol, callback=bar)
         bar.close()
         traces[name] = res.residuals
@@ -122,7 +142,7 @@ def run_demo(args) -> int:
                          psnr_serial=q_serial[0], psnr_parallel=q_par[0], psnr_baseline=q_base[0],
                          ssim_serial=q_serial[1], ssim_parallel=q_par[1], ssim_baseline=q_base[1],
                          diff=(res.x0 - serial).abs().max().item()))
-        pictures.append((name, base[0], serial[0], res.x0[0], truth[0]))
+        pictures.append((name, base[0].cpu(), serial[0].cpu(), res.x0[0].cpu(), truth[0].cpu()))
     print_table(rows)
     save_figure(pictures, out / "demo.png")
     save_convergence(traces, out / "convergence.png", args.tol)
@@ -204,10 +224,12 @@ def save_image(x: torch.Tensor, path: Path) -> None:
 
 def run_restore(args) -> int:
     from .models import bundled_model, load_unet
+    device = device_of(args)
     model = load_unet(args.model, max_batch=args.max_batch) if args.model else bundled_model(args.max_batch)
+    model = model.to(device)
     sample = model.network.config.sample_size
     size = sample if isinstance(sample, int) else tuple(sample)[0]
-    image = load_image(Path(args.input))
+    image = load_image(Path(args.input)).to(device)
     task = get_task(args.task)
     if args.simulate:
         truth = image
@@ -223,8 +245,8 @@ def run_restore(args) -> int:
                              f"{size}x{size} image)")
         op, y, sigma_y = probe, image, task.sigma_y
     chain = make_chain(args.sampler, args.steps, op, y, sigma_y)
-    x_T = torch.randn((1, 3, size, size), generator=torch.Generator().manual_seed(args.seed + 2))
-    gen = torch.Generator().manual_seed(args.seed + 3)
+    x_T = initial_noise(args, (1, 3, size, size))
+    gen = generator(args, 3)
     t0 = time.perf_counter()
     if args.optimize_init:
         if args.serial:
@@ -265,24 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deqir-fast", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(q):
+    def common(q, steps):
         q.add_argument("--sampler", choices=SAMPLERS, default="ddrm")
-        q.add_argument("--steps", type=int, default=50)
+        q.add_argument("--steps", type=int, default=steps)
         q.add_argument("--solver", default="triangular_anderson",
                        choices=("picard", "anderson", "triangular_anderson"))
         q.add_argument("--tol", type=float, default=dq.api.DEFAULT_TOL)
         q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
         q.add_argument("--max-batch", type=int, default=None,
                        help="at most this many images per model call")
         q.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("demo", help="restore bundled held-out images, serial vs parallel")
-    common(d)
+    common(d, steps=20)
     d.add_argument("--images", type=int, default=4)
     d.add_argument("--tasks", default="", help=f"comma-separated, default {','.join(DEMO_TASKS)}")
     d.add_argument("--out", default="out")
     r = sub.add_parser("restore", help="restore one image")
-    common(r)
+    common(r, steps=50)
     r.add_argument("input")
     r.add_argument("--task", required=True, help=f"one of {', '.join(sorted(TASKS))}")
     r.add_argument("--model", default=None, help="a diffusers UNet2DModel folder")

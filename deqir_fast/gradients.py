@@ -113,8 +113,7 @@ def adjoint_gradients(system: ChainSystem, X: torch.Tensor, grad_x0: torch.Tenso
             outs, cots = [coeffs.u0], [lam[0]]
             if coeffs.R is not None and coeffs.R.requires_grad:
                 outs.append(coeffs.R)
-                cots.append(lam[1:].expand_as(coeffs.R) if coeffs.R.shape == lam[1:].shape
-                            else _reduce_like(lam[1:], coeffs.R))
+                cots.append(_reduce_like(lam[1:], coeffs.R))
             g = torch.autograd.grad(outs, leaves, grad_outputs=cots, allow_unused=True)
         grads = dict(zip([id(t) for t in leaves], g))
     out["x_T"] = _or_zeros(grads.get(id(x_T)), x_T) if x_T.requires_grad else None

@@ -491,3 +491,77 @@ class CompressedSensing(Operator):
 
     def U(self, z):
         return z
+
+
+class DecomposableAdapter(Operator):
+    """Wraps an object with deepinv's ``DecomposablePhysics`` interface — ``V``,
+    ``V_adjoint``, ``U``, ``U_adjoint`` and ``mask``, with A(x) = U(mask · V_adjoint(x)) —
+    after checking on random probes that V is orthonormal and square (image-shaped
+    coefficients), U is an isometry on the measurements, and the mask is real and >= 0.
+    What cannot be represented (thin decompositions, complex FFT layouts) is refused."""
+
+    def __init__(self, physics, shape: Sequence[int], threshold: float = 1e-6, atol: float = 1e-5,
+                 seed: int = 0):
+        super().__init__()
+        for name in ("V", "V_adjoint", "U", "U_adjoint", "mask"):
+            if not hasattr(physics, name):
+                raise TypeError(f"physics must have deepinv's DecomposablePhysics interface "
+                                f"(V, V_adjoint, U, U_adjoint, mask); it has no {name}")
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
+        self.physics = physics
+        self.x_shape = tuple(int(s) for s in shape)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn((2, *self.x_shape), generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            z = physics.V_adjoint(x)
+            if torch.is_complex(z):
+                raise ValueError("physics has complex spectral coefficients (an FFT layout); "
+                                 "only real orthonormal decompositions can be represented")
+            if tuple(z.shape) != tuple(x.shape):
+                raise ValueError(f"physics is a thin decomposition: V_adjoint maps {tuple(x.shape)} "
+                                 f"to {tuple(z.shape)}; a square, image-shaped V is needed")
+            if (physics.V(z) - x).abs().max() > atol or (physics.V_adjoint(physics.V(x)) - x).abs().max() > atol:
+                raise ValueError("physics.V is not orthonormal (V Vᵀ x != x on a random probe)")
+            mask = torch.as_tensor(physics.mask)
+            if torch.is_complex(mask):
+                raise ValueError("physics.mask is complex; real singular values are needed")
+            mask = mask.detach().to(torch.float64).cpu()
+            while mask.dim() > 3 and mask.shape[0] == 1:
+                mask = mask[0]
+            if bool((mask < 0).any()):
+                raise ValueError("physics.mask has negative entries; singular values must be >= 0")
+            try:
+                torch.broadcast_shapes(mask.shape, self.x_shape)
+            except RuntimeError:
+                raise ValueError(f"physics.mask of shape {tuple(mask.shape)} does not broadcast to "
+                                 f"the image shape {self.x_shape}") from None
+            y = physics.U(mask * z)
+            if (physics.U(physics.U_adjoint(y)) - y).abs().max() > atol:
+                raise ValueError("physics.U is not an isometry on the measurements")
+        self.y_shape = tuple(y.shape[1:])
+        cut = max(threshold, NUMERICAL_ZERO) * float(mask.max()) if mask.numel() else 0.0
+        self._singulars_exact = mask
+        self._singulars = torch.where(mask > cut, mask, torch.zeros_like(mask))
+
+    def Vt(self, x):
+        return self.physics.V_adjoint(x)
+
+    def V(self, z):
+        return self.physics.V(z)
+
+    def Ut(self, y):
+        return self.physics.U_adjoint(y)
+
+    def U(self, z):
+        return self.physics.U(z)
+
+
+def from_deepinv(physics, shape: Sequence[int], **kw) -> DecomposableAdapter:
+    """A deqir_fast operator from a deepinv ``DecomposablePhysics`` (``pip install
+    'deqir_fast[deepinv]'``); any object with the same interface is accepted too."""
+    try:
+        import deepinv  # noqa: F401  (optional: the adapter needs only the interface)
+    except ImportError:
+        pass
+    return DecomposableAdapter(physics, shape, **kw)

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .ops import anderson_mix, step_residuals
-from .system import ChainSystem, raise_nonfinite
+from .system import raise_nonfinite
 
 SOLVERS = ("picard", "anderson", "triangular_anderson")
 
@@ -43,11 +43,15 @@ class SolverStats:
         return torch.stack(self.residuals)
 
 
-def fixed_point_solve(system: ChainSystem, X: torch.Tensor, *, solver: str = "triangular_anderson",
-                      tol: float = 1e-2, floor: float = 0.1, max_iter: Optional[int] = None,
+def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "triangular_anderson",
+                      tol: float = 3e-3, floor: float = 0.1, max_iter: Optional[int] = None,
                       window: Optional[int] = None, history: int = 4, lam: float = 1e-4,
                       beta: float = 1.0, callback: Optional[Callable] = None,
                       initial_nfe: int = 0):
+    """Solve X = F(X) for a triangular system: a ``ChainSystem`` (the sampler) or an
+    ``AdjointSystem`` (its gradient), anything with ``num_steps``,
+    ``residual_scale(floor)`` and ``evaluate(X, lo, hi)``. X: [S, B, ...], updated in
+    place and returned with the ``SolverStats``."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     S = system.num_steps
@@ -90,8 +94,8 @@ def fixed_point_solve(system: ChainSystem, X: torch.Tensor, *, solver: str = "tr
             G_hist = (G_hist + [G])[-history:]
             valid = torch.stack([torch.arange(hi - lo, device=X.device) < g.shape[0]
                                  for g in G_hist])
-            new = anderson_mix(_pad_history(X_hist, hi - lo), _pad_history(G_hist, hi - lo), valid, lam=lam, beta=beta,
-                               prefix=solver == "triangular_anderson")
+            new = anderson_mix(_pad_history(X_hist, hi - lo), _pad_history(G_hist, hi - lo),
+                               valid, lam=lam, beta=beta, prefix=solver == "triangular_anderson")
             new[0] = FX[0]
         met = r <= tol
         # Freeze the leading steps at their F(X) values: F(X)[j] is exact when every

@@ -114,3 +114,6 @@ def test_cli_restore_end_to_end(tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
     assert cli.main(["restore", str(tmp_path / "nope.png"), "--task", "sr2"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["restore", str(tmp_path / "low.png"), "--task", "sr2", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

@@ -191,3 +191,51 @@ def test_float32_buffers_are_cached_per_dtype():
 def test_bad_construction(bad, err):
     with pytest.raises(err):
         bad()
+
+
+class FakePhysics:
+    """deepinv's DecomposablePhysics interface (A = U(mask * V_adjoint(x))), here a DCT
+    with a random mask; deepinv itself cannot be installed on this CPU-only machine."""
+
+    def __init__(self, shape, thin=False, skew=False, complex_=False):
+        C, H, W = shape
+        self.dh, self.dw = ops.dct_matrix(H), ops.dct_matrix(W)
+        if skew:
+            self.dh = self.dh * 1.1
+        self.thin, self.complex_ = thin, complex_
+        self.mask = (torch.rand(1, C, H, W, generator=torch.Generator().manual_seed(0)) > 0.5).double()
+
+    def V_adjoint(self, x):
+        z = self.dh.to(x) @ x @ self.dw.to(x).T
+        if self.complex_:
+            z = z.to(torch.complex128)
+        return z.flatten(1) if self.thin else z
+
+    def V(self, z):
+        return self.dh.to(z).T @ z @ self.dw.to(z)
+
+    def U(self, z):
+        return z
+
+    def U_adjoint(self, y):
+        return y
+
+
+def test_deepinv_style_adapter_matches_the_dense_operator():
+    shape = (2, 4, 4)
+    phys = FakePhysics(shape)
+    op = ops.from_deepinv(phys, shape)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    assert torch.allclose(op.A(x), phys.mask[0] * phys.V_adjoint(x))
+    A = dense(op.A, shape)
+    assert torch.allclose(dense(op.pinv, shape), torch.linalg.pinv(A), atol=1e-10)
+    assert torch.allclose(op.Vt(op.V(x)), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw,match", [({"thin": True}, "thin"), ({"skew": True}, "orthonormal"),
+                                      ({"complex_": True}, "complex")])
+def test_deepinv_style_adapter_refuses_what_it_cannot_represent(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ops.from_deepinv(FakePhysics((2, 4, 4), **kw), (2, 4, 4))
+    with pytest.raises(TypeError, match="DecomposablePhysics"):
+        ops.from_deepinv(object(), (2, 4, 4))
