@@ -61,7 +61,8 @@ def load_unet(folder: Union[str, Path], max_batch: Optional[int] = None,
     if not (folder / "config.json").is_file():
         raise ValueError(f"model folder {folder} has no config.json (a diffusers model folder "
                          f"is expected)")
-    unet = UNet2DModel.from_pretrained(str(folder))
+    # low_cpu_mem_usage=False: the default asks for `accelerate` and warns without it.
+    unet = UNet2DModel.from_pretrained(str(folder), low_cpu_mem_usage=False)
     unet.eval().requires_grad_(False)
     if dtype is not None or device is not None:
         unet = unet.to(device=device, dtype=dtype)
