@@ -31,11 +31,10 @@ DEFAULT_GRAD_TOL = 1e-3
 class _Handle:
     """What a backward pass needs from a forward solve (kept by ``SolveResult``)."""
 
-    def __init__(self, system, X, x_T, noise, params, solve_kw):
-        self.system, self.X, self.x_T, self.noise = system, X, x_T, noise
+    def __init__(self, system, X, x0, x_T, noise, params, solve_kw):
+        self.system, self.X, self.x0, self.x_T, self.noise = system, X, x0, x_T, noise
         self.params = params
         self.solve_kw = solve_kw
-        self.x0 = system.chain.from_basis(X[-1])
 
     def gradients(self, grad_x0, params=None):
         from .gradients import adjoint_gradients
@@ -189,7 +188,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
                                      initial_nfe=extra_nfe, **solve_kw)
         states = chain.from_basis(X.flatten(0, 1)).view_as(X)
     params = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
-    handle = _Handle(system, X, x_T, noise, params, dict(solve_kw, tol=grad_tol))
+    handle = _Handle(system, X, states[-1], x_T, noise, params, dict(solve_kw, tol=grad_tol))
     x0 = states[-1]
     y = getattr(chain, "y", None)
     if torch.is_grad_enabled() and (x_T.requires_grad or (y is not None and y.requires_grad)):
