@@ -2,6 +2,7 @@
 
     deqir-fast demo                     # restores bundled held-out images, serial vs parallel
     deqir-fast restore IN.png --task sr4 --out OUT.png [--simulate] [--serial]
+    deqir-fast restore IN.png --task deblur_gauss --simulate --optimize-init 10
 
 The maths never prints: progress reaches this module through callbacks.
 """
