@@ -9,22 +9,11 @@ small next to the denoiser. Medians over ``--repeats``; prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_time
 
 from deqir_fast.tasks import TASKS, build_operator
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()                                   # warm-up (caches the operator's buffers)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():

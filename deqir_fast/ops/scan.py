@@ -1,9 +1,17 @@
-"""The chain's affine update u' = P u + Q ē + R and its scan over the step axis."""
+"""The chain's affine update u' = P u + Q ē + R and its scan over the step axis.
+
+``affine_scan`` dispatches: the Triton kernel (``triton_scan.py``) for CUDA tensors, this
+file's pure-PyTorch reference otherwise. ``DEQIR_FAST_BACKEND=reference|triton`` forces
+one (``triton`` on CPU needs ``TRITON_INTERPRET=1`` set before triton is imported).
+"""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+
+BACKENDS = ("auto", "reference", "triton")
 
 
 def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[torch.Tensor],
@@ -14,8 +22,35 @@ def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[t
     return out if R is None else out + R
 
 
+def scan_backend(E: torch.Tensor) -> str:
+    """The backend ``affine_scan`` uses for E: forced by DEQIR_FAST_BACKEND, else Triton
+    on CUDA when triton imports, else the reference."""
+    forced = os.environ.get("DEQIR_FAST_BACKEND", "auto")
+    if forced not in BACKENDS:
+        raise ValueError(f"DEQIR_FAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
+    if forced != "auto":
+        return forced
+    if E.is_cuda:
+        try:
+            import triton  # noqa: F401
+            return "triton"
+        except ImportError:
+            return "reference"
+    return "reference"
+
+
 def affine_scan(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, R: Optional[torch.Tensor],
                 u0: torch.Tensor) -> torch.Tensor:
+    """All states of the recurrence u_{i+1} = P_i u_i + Q_i E_i + R_i from u_0 = ``u0``,
+    on the fastest available backend (see ``scan_backend``)."""
+    if scan_backend(E) == "triton":
+        from .triton_scan import affine_scan_triton
+        return affine_scan_triton(P, Q, E, R, u0)
+    return affine_scan_reference(P, Q, E, R, u0)
+
+
+def affine_scan_reference(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
+                          R: Optional[torch.Tensor], u0: torch.Tensor) -> torch.Tensor:
     """All states of the recurrence u_{i+1} = P_i u_i + Q_i E_i + R_i from u_0 = ``u0``.
 
     P, Q: [S, 1 or B, ...]; E: [S, B, ...]; R: [S, 1 or B, ...] or None; u0: [B, ...].

@@ -1,0 +1,70 @@
+"""Run by tests/test_triton_scan.py in a fresh process with TRITON_INTERPRET=1 (the
+variable must be set before triton is imported): the Triton scan against the reference."""
+import itertools
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch  # noqa: E402
+
+from deqir_fast.ops.scan import affine_scan_reference  # noqa: E402
+from deqir_fast.ops.triton_scan import affine_scan_triton  # noqa: E402
+
+failures = []
+gen = torch.Generator().manual_seed(0)
+
+
+def rand(*shape):
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+# S, B and odd image shapes; coefficients per step only, per element, per (batch, element)
+for (S, B, shape), coef, has_r, block in itertools.product(
+        [(1, 1, (1, 3, 5)), (7, 3, (3, 5, 7)), (20, 2, (3, 8, 12))],
+        ["step", "element"], [False, True], [64, 1024]):
+    pshape = (S, 1, 1, 1, 1) if coef == "step" else (S, 1, *shape)
+    P64, Q64, E64, u064 = rand(*pshape).abs(), rand(*pshape), rand(S, B, *shape), rand(B, *shape)
+    R64 = rand(S, B, *shape) if has_r else None
+    ref64 = affine_scan_reference(P64, Q64, E64, R64, u064)
+    for dtype in (torch.float32, torch.float64):
+        cast = [None if t is None else t.to(dtype) for t in (P64, Q64, E64, R64, u064)]
+        ref = affine_scan_reference(*cast)
+        out = affine_scan_triton(*cast, block=block)
+        # flash-attention's criterion: within 2x the reference's own error in this dtype
+        err = (out.double() - ref64).abs().max().item()
+        ref_err = (ref.double() - ref64).abs().max().item()
+        atol = 1e-12 if dtype == torch.float64 else 1e-6
+        case = (S, B, shape, coef, has_r, block, dtype)
+        if out.dtype != dtype or out.shape != E64.shape:
+            failures.append(f"{case}: wrong dtype/shape {out.dtype} {tuple(out.shape)}")
+        if not err <= 2 * ref_err + atol:
+            failures.append(f"{case}: error {err:.2e} > 2 x {ref_err:.2e} + {atol}")
+
+# bad input is refused with a clear error
+for bad, exc in [(lambda: affine_scan_triton(rand(3, 1, 2), rand(3, 1, 2), rand(3, 2, 2), None, rand(3, 2)), ValueError),
+                 (lambda: affine_scan_triton(rand(3, 1, 2).float(), rand(3, 1, 2), rand(3, 2, 2), None, rand(2, 2)), TypeError)]:
+    try:
+        bad()
+        failures.append(f"no {exc.__name__} raised")
+    except exc:
+        pass
+
+# end to end: the solver on the Triton backend equals the serial sampler
+os.environ["DEQIR_FAST_BACKEND"] = "triton"
+import deqir_fast as dq  # noqa: E402
+from deqir_fast import operators as ops  # noqa: E402
+
+sched = dq.Schedule.linear(1000)
+shape = (3, 8, 8)
+model = dq.testing.GaussianMixtureDenoiser(sched, shape)
+op = ops.SuperResolution(2, shape)
+chain = dq.DDRM(sched, dq.timesteps(sched, 10), operator=op, y=op.A(model.means[:2].detach()),
+                sigma_y=0.05)
+x_T = rand(2, *shape)
+serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_seed(1))
+res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(1), tol=1e-12)
+if not (res.x0 - serial).abs().max().item() <= 1e-10:
+    failures.append("solve on the triton backend differs from the serial sampler")
+
+print("\n".join(failures) or "ok")
+sys.exit(1 if failures else 0)
