@@ -12,3 +12,4 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 timeout 240 python3 -m pytest -q -x tests/test_parity.py tests/test_triton_scan.py tests/test_gradients.py -k "not 100" || echo "TESTS FAILED"
 timeout 120 python3 bench/scan.py --device cuda
 timeout 120 deqir-fast demo --device cuda --quiet --out "$out"
+DEQIR_FAST_BACKEND=triton timeout 120 deqir-fast demo --device cuda --quiet --out "$out/triton"

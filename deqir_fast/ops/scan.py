@@ -1,8 +1,10 @@
 """The chain's affine update u' = P u + Q ē + R and its scan over the step axis.
 
-``affine_scan`` dispatches: the Triton kernel (``triton_scan.py``) for CUDA tensors, this
-file's pure-PyTorch reference otherwise. ``DEQIR_FAST_BACKEND=reference|triton`` forces
-one (``triton`` on CPU needs ``TRITON_INTERPRET=1`` set before triton is imported).
+``affine_scan`` dispatches on ``DEQIR_FAST_BACKEND``: ``reference`` (this file's pure
+PyTorch) or ``triton`` (``triton_scan.py``; on CPU it needs ``TRITON_INTERPRET=1`` set
+before triton is imported). ``auto`` (the default) is the reference for now: the kernel
+matches it exactly in Triton's interpreter but has not yet run on a GPU; flip ``auto`` to
+the kernel on CUDA once ``bench/gpu_check.sh`` has validated and timed it there.
 """
 from __future__ import annotations
 
@@ -23,19 +25,13 @@ def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[t
 
 
 def scan_backend(E: torch.Tensor) -> str:
-    """The backend ``affine_scan`` uses for E: forced by DEQIR_FAST_BACKEND, else Triton
-    on CUDA when triton imports, else the reference."""
+    """The backend ``affine_scan`` uses for E (see the module docstring). The kernel
+    indexes with 32-bit offsets, so chains of 2^31 or more values use the reference."""
     forced = os.environ.get("DEQIR_FAST_BACKEND", "auto")
     if forced not in BACKENDS:
         raise ValueError(f"DEQIR_FAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
-    if forced != "auto":
-        return forced
-    if E.is_cuda:
-        try:
-            import triton  # noqa: F401
-            return "triton"
-        except ImportError:
-            return "reference"
+    if forced == "triton" and E.numel() < 2 ** 31:
+        return "triton"
     return "reference"
 
 
