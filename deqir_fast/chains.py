@@ -141,6 +141,14 @@ class DDIM(Chain):
     def needs_noise(self) -> bool:
         return self.eta > 0
 
+    @classmethod
+    def from_diffusers(cls, scheduler, num_inference_steps=None, eta=None) -> "Chain":
+        """The chain that steps exactly as a diffusers ``DDIMScheduler`` (with ``eta``,
+        default 0) or ``DDPMScheduler`` (a ``DDPM`` chain) after
+        ``set_timesteps(num_inference_steps)``; see ``deqir_fast.diffusers_compat``."""
+        from .diffusers_compat import chain_from_diffusers
+        return chain_from_diffusers(scheduler, num_inference_steps, eta)
+
     def _k(self, a, an):
         # 1. σ_t(η) = η sqrt((1-a')/(1-a)) sqrt(1 - a/a')   (Eq. 16)
         sigma = self.eta * ((1 - an) / (1 - a)).sqrt() * (1 - a / an).clamp_min(0).sqrt()

@@ -50,6 +50,14 @@ class Schedule:
                              dtype=torch.float64)
         return cls(torch.cumprod(1.0 - betas, 0))
 
+    @classmethod
+    def from_diffusers(cls, scheduler) -> "Schedule":
+        """The schedule of a diffusers scheduler (its own float32 ``alphas_cumprod``) or
+        of a scheduler config mapping (e.g. a loaded ``scheduler_config.json``):
+        ``beta_schedule`` linear, scaled_linear, squaredcos_cap_v2 or ``trained_betas``."""
+        from .diffusers_compat import schedule_from_diffusers
+        return schedule_from_diffusers(scheduler)
+
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
