@@ -1,172 +1,557 @@
 """The ``deqir-fast`` command line (also ``python -m deqir_fast``).
 
-    deqir-fast demo                     # restores bundled held-out images, serial vs parallel
-    deqir-fast restore IN.png --task sr4 --out OUT.png [--simulate] [--serial]
-    deqir-fast restore IN.png --task deblur_gauss --simulate --optimize-init 10
-
-The maths never prints: progress reaches this module through callbacks.
+Every argument, input image and output location is checked before a model loads, and
+outputs are written all at once at the end (``image_io.write_all``), so an error costs
+seconds and leaves nothing behind. Errors are one line on stderr with exit code 2
+(``--verbose`` adds the traceback). The maths never prints: progress reaches this module
+through the solvers' callbacks.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
+import math
+import os
+import platform
 import sys
 import time
+import traceback
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 import deqir_fast as dq
 
+from . import figures
+from . import image_io as io
+from . import operators as ops
+from .solvers import SOLVERS
 from .tasks import TASKS, build_operator, get_task
 
 SAMPLERS = ("ddrm", "ddnm")
+DEFAULT_SOLVER = inspect.signature(dq.solve).parameters["solver"].default
+MODES = ("auto", "parallel", "serial")
+# Six tasks at 20 steps keep the demo near a minute on 2 CPU cores (measured 1.5 min for
+# 13 tasks). Compressed sensing is left out: a random 25-50% of the DCT coefficients
+# misses most of the low frequencies and DDRM-20 restores 11-14 dB (bench/RESULTS.md).
+DEMO_TASKS = ("denoise", "inpaint_random", "inpaint_box", "sr4", "deblur_gauss", "colorize")
+# Seeds of the random draws, offset from --seed so that each draw has its own stream.
+MEASUREMENT_SEED, X_T_SEED, CHAIN_NOISE_SEED = 1, 2, 3
 
 
-# -- helpers --------------------------------------------------------------------------
-def make_chain(sampler: str, steps: int, op, y, sigma_y: float):
-    sched = dq.Schedule.linear(1000, beta_start=1e-4, beta_end=0.02)
-    ts = dq.timesteps(sched, steps)
+def default_schedule() -> dq.Schedule:
+    """The schedule of models that bring none: DDPM's linear betas (the bundled model's)."""
+    return dq.Schedule.linear(1000, beta_start=1e-4, beta_end=0.02)
+
+
+class Reporter:
+    """Notes and progress bars on stderr (none with --quiet); results go to stdout."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(f"note: {text}", file=sys.stderr, flush=True)
+
+    def bar(self, desc: str, total: int, unit: str):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, leave=False, disable=self.quiet, unit=unit,
+                    file=sys.stderr)
+
+
+class StepProgress:
+    """A progress bar over the serial sampler's steps (``sample_serial``'s callback)."""
+
+    def __init__(self, reporter: Reporter, desc: str, steps: int):
+        self.bar = reporter.bar(desc, steps, "step")
+
+    def __call__(self, info: dict) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class RoundProgress:
+    """A progress bar over the parallel solve's rounds (``solve``'s callback): the bar
+    counts rounds; the postfix says how many steps are final (frozen) so far."""
+
+    def __init__(self, reporter: Reporter, desc: str, steps: int):
+        self.bar = reporter.bar(desc, steps, "round")
+
+    def __call__(self, info: dict) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(frozen=info["window"][0], evals=info["nfe"])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# -- shared maths helpers ------------------------------------------------------------------
+def make_chain(sampler: str, schedule: dq.Schedule, steps: int, op, y, sigma_y: float):
+    ts = dq.timesteps(schedule, steps)
     if sampler == "ddrm":
-        return dq.DDRM(sched, ts, operator=op, y=y, sigma_y=sigma_y, eta=0.85, eta_b=1.0)
+        return dq.DDRM(schedule, ts, operator=op, y=y, sigma_y=sigma_y, eta=0.85, eta_b=1.0)
     if sampler == "ddnm":
-        return dq.DDNM(sched, ts, operator=op, y=y, sigma_y=sigma_y, eta=0.0)
+        return dq.DDNM(schedule, ts, operator=op, y=y, sigma_y=sigma_y, eta=0.0)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
-def to_unit(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] tensor [C, H, W] -> [0, 1] HxWxC array for display and metrics."""
-    return ((x.detach().float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+def degrade(task_name: str, truth: torch.Tensor, seed: int):
+    """(operator, y = A(truth) + noise, sigma_y) for a simulated measurement."""
+    op = build_operator(task_name, truth.shape[1:], seed)
+    sigma_y = get_task(task_name).sigma_y
+    return op, measure(op, truth, sigma_y, seed), sigma_y
 
 
-def quality(x: torch.Tensor, truth: torch.Tensor):
-    """Mean PSNR and SSIM (scikit-image) over a batch, on the [0, 1] display range."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-    psnr, ssim = [], []
-    for a, b in zip(x, truth):
-        a, b = to_unit(a), to_unit(b)
-        psnr.append(peak_signal_noise_ratio(b, a, data_range=1.0))
-        ssim.append(structural_similarity(b, a, data_range=1.0, channel_axis=-1, win_size=7))
-    return float(np.mean(psnr)), float(np.mean(ssim))
+def measure(op, truth: torch.Tensor, sigma_y: float, seed: int) -> torch.Tensor:
+    clean = op.A(truth)
+    gen = torch.Generator().manual_seed(seed + MEASUREMENT_SEED)
+    return clean + sigma_y * torch.randn(clean.shape, generator=gen).to(clean)
 
 
 def baseline(op, y: torch.Tensor, shape) -> torch.Tensor:
     """The simple baseline a restoration must beat: bicubic upsampling for
     super-resolution, the pseudo-inverse (zero fill, or y itself) otherwise."""
-    factor = getattr(op, "factor", None)
-    if factor is not None:
-        return torch.nn.functional.interpolate(y, size=tuple(shape[1:]), mode="bicubic",
+    if getattr(op, "factor", None) is not None:
+        return torch.nn.functional.interpolate(y, size=tuple(shape[-2:]), mode="bicubic",
                                                align_corners=False)
     return op.pinv(y)
 
 
-def degrade(task_name: str, truth: torch.Tensor, seed: int):
-    task = get_task(task_name)
-    op = build_operator(task_name, truth.shape[1:], seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    clean = op.A(truth)
-    noise = torch.randn(clean.shape, generator=gen).to(clean)
-    return op, clean + task.sigma_y * noise, task.sigma_y
+def baseline_name(op) -> str:
+    return "bicubic" if getattr(op, "factor", None) is not None else "pseudo-inverse"
 
 
-def device_of(args) -> torch.device:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    return device
+def degraded_view(op, y: torch.Tensor) -> torch.Tensor:
+    """What to show as the degraded input: y itself when it is an image (a small one for
+    super-resolution, grey for colourisation), its pseudo-inverse when it is not
+    (compressed sensing measures transform coefficients)."""
+    return op.pinv(y) if isinstance(op, ops.CompressedSensing) else y
 
 
-def generator(args, offset: int) -> torch.Generator:
-    """A seeded generator on the run's device (noise is drawn where the state lives)."""
-    return torch.Generator(device=device_of(args)).manual_seed(args.seed + offset)
+def quality(x: torch.Tensor, truth: torch.Tensor) -> Tuple[float, float]:
+    """PSNR (dB) and SSIM (scikit-image) of one image [C, H, W] against the truth, on the
+    [0, 1] display range."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    a, b = io.to_display(x), io.to_display(truth)
+    psnr = peak_signal_noise_ratio(b, a, data_range=1.0)
+    win = min(7, *[n if n % 2 else n - 1 for n in b.shape[:2]])
+    ssim = structural_similarity(b, a, data_range=1.0, channel_axis=-1, win_size=win)
+    return float(psnr), float(ssim)
 
 
-def initial_noise(args, shape) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + 2)).to(device_of(args))
+def initial_noise(seed: int, shape, device) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed + X_T_SEED)).to(device)
 
 
-class RoundBar:
-    """tqdm over solver rounds, fed by ``solve``'s callback."""
-
-    def __init__(self, desc: str, total: int, quiet: bool):
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=total, desc=desc, leave=False, disable=quiet, unit="round")
-
-    def __call__(self, info: dict) -> None:
-        self.bar.update(1)
-        lo, hi = info["window"]
-        self.bar.set_postfix(frozen=lo, nfe=info["nfe"])
-
-    def close(self):
-        self.bar.close()
+def chain_generator(seed: int, device) -> torch.Generator:
+    """The chain's per-step noise is drawn where the state lives."""
+    return torch.Generator(device=device).manual_seed(seed + CHAIN_NOISE_SEED)
 
 
-# -- demo -----------------------------------------------------------------------------
-# Six tasks at 20 steps keep the demo near a minute on 2 CPU cores (measured 1.5 min for
-# 13 tasks). Compressed sensing is left out: a random 25-50% of the DCT coefficients
-# misses most of the low frequencies and DDRM-20 restores 11-14 dB (bench/RESULTS.md).
-DEMO_TASKS = ("denoise", "inpaint_random", "inpaint_box", "sr4", "deblur_gauss", "colorize")
+def fmt_db(value: float) -> str:
+    return "-" if value != value else ("inf" if math.isinf(value) else f"{value:.2f}")
 
 
-def run_demo(args) -> int:
-    from tqdm.auto import tqdm
+# -- restore ------------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    """What a model folder's config says, read without loading the weights."""
+    folder: Path
+    channels: int
+    size: Tuple[int, int]
+    train_steps: int
 
-    from .models import bundled_model, heldout_images
-    torch.manual_seed(args.seed)
-    device = device_of(args)
-    model = bundled_model(max_batch=args.max_batch).to(device)
-    truth = heldout_images()[: args.images].to(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shape = tuple(truth.shape[1:])
-    rows, pictures, traces = [], [], {}
-    tasks = args.tasks.split(",") if args.tasks else list(DEMO_TASKS)
-    for name in tasks:
-        get_task(name)
-    for name in tqdm(tasks, desc="tasks", disable=args.quiet):
-        op, y, sigma_y = degrade(name, truth, args.seed)
-        chain = make_chain(args.sampler, args.steps, op, y, sigma_y)
-        x_T = initial_noise(args, truth.shape)
-        t0 = time.perf_counter()
-        serial = dq.sample_serial(model, chain, x_T, generator=generator(args, 3))
-        t_serial = time.perf_counter() - t0
-        bar = RoundBar(f"{name} parallel", args.steps, args.quiet)
-        res = dq.solve(model, chain, x_T, generator=generator(args, 3),
-                       solver=args.solver, tol=args.tol, callback=bar)
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "model"
+
+
+def read_model_spec(folder: Path) -> ModelSpec:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--model {folder} is not a folder (a diffusers UNet2DModel folder "
+                         f"with config.json and weights is expected)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"--model {folder} has no config.json (a diffusers UNet2DModel folder "
+                         f"is expected)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ValueError(f"--model {folder} holds no weights (*.safetensors or *.bin)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        sample = config["sample_size"]
+        sample = [sample, sample] if isinstance(sample, int) else sample
+        size = tuple(int(s) for s in sample)
+        channels = int(config.get("in_channels", 3))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--model {folder}: cannot read sample_size and in_channels from "
+                         f"config.json ({exc})") from None
+    train_steps = 1000
+    # The model's own schedule, if a scheduler config comes with it, bounds --steps.
+    from . import models
+    find = getattr(models, "find_scheduler_config", None)
+    found = find(folder) if find is not None else None
+    if found is not None:
+        schedule = models.read_scheduler_config(found)[0]
+        train_steps = schedule.num_train_timesteps
+    return ModelSpec(folder, channels, size, train_steps)
+
+
+def gather_inputs(items: List[str]) -> List[Path]:
+    """Every file the INPUT arguments name, in order, each once."""
+    seen, paths = set(), []
+    for item in items:
+        for path in io.image_files(item):
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
+    return paths
+
+
+def plan_outputs(out: Optional[str], inputs: List[Path], simulate: bool):
+    """(output path per input, comparison figure path or None), checked writable.
+
+    ``--out`` names a file for one input, or a folder (ending in / or already one) that
+    receives INPUT-STEM.png for each input."""
+    several = len(inputs) > 1
+    if out is None:
+        out = "restored/" if several else "restored.png"
+    is_folder = out.endswith(("/", os.sep)) or Path(out).is_dir()
+    if several and not is_folder:
+        raise ValueError(f"{len(inputs)} inputs need --out to name a folder (end it with /), "
+                         f"got --out {out}")
+    if is_folder:
+        folder = Path(out)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        io.check_folder_writable(folder, f"--out {out}")
+        paths = [folder / f"{p.stem}.png" for p in inputs]
+        figure = folder / "compare.png" if simulate else None
+    else:
+        path = Path(out)
+        io.output_format(path)
+        io.check_writable(path)
+        paths = [path]
+        figure = path.with_name(f"{path.stem}_compare.png") if simulate else None
+    for path in paths + ([figure] if figure else []):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"--out: {path} exists and is read-only")
+    named = [(f"the output of {p}", o) for p, o in zip(inputs, paths)]
+    io.unique_outputs(named + ([("the comparison figure", figure)] if figure else []), inputs)
+    return paths, figure
+
+
+def resolve_mode(args, reporter: Reporter) -> str:
+    if args.optimize_init:
+        return "parallel"
+    if args.mode != "auto":
+        return args.mode
+    if args.device.type == "cpu":
+        reporter.note("--mode auto runs serial on a CPU: there a batched model call over all "
+                      "steps costs about what the steps cost one by one, so fewer rounds save "
+                      "no time (--mode parallel forces it)")
+        return "serial"
+    return "parallel"
+
+
+def prepare_pixels(paths: List[Path], channels: int, size: Tuple[int, int], args,
+                   reporter: Reporter, wrong_size: str) -> List[np.ndarray]:
+    """Read every input and bring it to ``channels`` x ``size``, or fail naming the input
+    (``wrong_size`` says what the task takes)."""
+    prepared = []
+    for path in paths:
+        picture = io.read_image(path)
+        for text in picture.notes:
+            reporter.note(text)
+        pixels = picture.pixels
+        if pixels.shape[-1] != channels:
+            if channels == 1:
+                reporter.note(f"{path.name}: colour, but {args.task} measures grey: using the "
+                              f"mean of its channels")
+            elif pixels.shape[-1] == 1:
+                reporter.note(f"{path.name}: grey, repeated into {channels} channels")
+            pixels = io.match_channels(pixels, channels)
+        h, w = pixels.shape[:2]
+        if (h, w) != tuple(size):
+            if not (args.resize or args.crop):
+                raise ValueError(f"INPUT {path} is {h}x{w}, but {wrong_size} (--resize scales "
+                                 f"an input, --crop cuts its centre, both do both)")
+            pixels = io.fit_size(pixels, size, args.resize, args.crop, name=f"INPUT {path}")
+            how = {(True, False): "resized", (False, True): "cropped"}.get(
+                (args.resize, args.crop), "resized and cropped")
+            reporter.note(f"{path.name}: {how} from {h}x{w} to {size[0]}x{size[1]}")
+        prepared.append(pixels)
+    return prepared
+
+
+def run_restore(args) -> int:
+    reporter = Reporter(args.quiet)
+    spec = read_model_spec(Path(args.model) if args.model else BUNDLED_MODEL)
+    if args.steps > spec.train_steps:
+        raise ValueError(f"--steps {args.steps}: the model's schedule has {spec.train_steps} "
+                         f"timesteps")
+    task = get_task(args.task)
+    shape = (spec.channels, *spec.size)
+    model_size = f"{shape[1]}x{shape[2]}"
+    try:
+        probe = build_operator(args.task, shape, args.seed)
+    except ValueError as exc:
+        raise ValueError(f"task {args.task} does not fit the model's {model_size} images: "
+                         f"{exc}") from None
+    if args.simulate:
+        need = shape
+        wrong_size = f"the model takes {model_size} images"
+    else:
+        need = probe.y_shape_for(shape)
+        wrong_size = (f"task {args.task} on this {model_size} model takes a measurement of "
+                      f"{need[1]}x{need[2]}; or pass --simulate with a clean {model_size} image")
+    inputs = gather_inputs(args.inputs)
+    outputs, figure = plan_outputs(args.out, inputs, args.simulate)
+    if args.optimize_init and args.mode == "serial":
+        raise ValueError("--optimize-init differentiates parallel solves; drop --mode serial")
+    pixels = prepare_pixels(inputs, need[0], tuple(need[1:]), args, reporter, wrong_size)
+    mode = resolve_mode(args, reporter)
+
+    # Everything is checked: now the slow part.
+    model = load_model(spec.folder, args.device)
+    schedule = model_schedule(model)
+    start = time.perf_counter()
+    restored, truths, measured, details = [], [], [], []
+    batches = range(0, len(pixels), args.max_batch)
+    for k, first in enumerate(batches):
+        batch = torch.stack([io.to_model_range(p) for p in pixels[first:first + args.max_batch]])
+        batch = batch.to(args.device)
+        seed = args.seed + 10 * k           # each batch its own noise, reproducibly
+        if args.simulate:
+            y = measure(probe, batch, task.sigma_y, seed)
+            truths.append(batch)
+        else:
+            y = batch
+        chain = make_chain(args.sampler, schedule, args.steps, probe, y, task.sigma_y)
+        desc = f"batch {k + 1}/{len(batches)}" if len(batches) > 1 else args.task
+        x0, detail = run_chain(model, chain, (batch.shape[0], *shape), seed, mode, args, reporter,
+                               desc)
+        restored.append(x0.cpu())
+        measured.append(y.cpu())
+        details.append(detail)
+    seconds = time.perf_counter() - start
+    restored_all = torch.cat(restored)
+
+    writers = [(path, _image_writer(io.to_display(x), path))
+               for path, x in zip(outputs, restored_all)]
+    if args.simulate:
+        rows = simulate_report(inputs, restored, truths, measured, probe, shape)
+        writers.append((figure, lambda tmp: figures.image_grid(
+            rows, ("degraded", f"baseline ({baseline_name(probe)})", "restored",
+                   "ground truth"), tmp,
+            title=f"{args.task}, {args.sampler.upper()}-{args.steps}, {mode}")))
+    io.write_all(writers)
+    where = outputs[0] if len(outputs) == 1 else outputs[0].parent
+    print(f"{args.task} with {args.sampler}-{args.steps} on {len(inputs)} image"
+          f"{'s' if len(inputs) > 1 else ''} ({'; '.join(details)}) in {seconds:.2f} s "
+          f"-> {where}" + (f", {figure}" if figure else ""))
+    return 0
+
+
+def _image_writer(pixels: np.ndarray, path: Path):
+    fmt = io.output_format(path)
+    return lambda tmp: io.save_pixels(pixels, tmp, fmt)
+
+
+def model_schedule(model) -> dq.Schedule:
+    """The model's own schedule when its folder has a scheduler config, else the default."""
+    schedule = getattr(model, "schedule", None)
+    return default_schedule() if schedule is None else schedule
+
+
+def load_model(folder: Path, device: torch.device):
+    from .models import load_unet
+    return load_unet(folder).to(device)
+
+
+def run_chain(model, chain, shape, seed: int, mode: str, args, reporter: Reporter, desc: str):
+    """(x0 on the device, a few words on how it was computed)."""
+    x_T = initial_noise(seed, shape, args.device)
+    gen = chain_generator(seed, args.device)
+    if args.optimize_init:
+        bar = reporter.bar(f"{desc} optimize x_T", args.optimize_init, "Adam step")
+        opt = dq.optimize_init(model, chain, x_T, loss="measurement", steps=args.optimize_init,
+                               lr=args.lr, generator=gen, solver=args.solver, tol=args.tol,
+                               window=args.window, callback=lambda info: bar.update(1))
         bar.close()
-        traces[name] = res.residuals
+        before = opt.losses[0] if opt.losses else float("nan")
+        after = float((chain.operator.A(opt.x0) - chain.y).pow(2).sum())
+        return opt.x0, (f"initialization optimized over {args.optimize_init} steps, "
+                        f"||Ax0 - y||² {before:.4g} -> {after:.4g}")
+    if mode == "serial":
+        bar = StepProgress(reporter, f"{desc} serial", args.steps)
+        try:
+            x0 = dq.sample_serial(model, chain, x_T, generator=gen, callback=bar)
+        finally:
+            bar.close()
+        return x0, f"serial, {args.steps} model calls"
+    bar = RoundProgress(reporter, f"{desc} parallel", args.steps)
+    try:
+        res = dq.solve(model, chain, x_T, generator=gen, solver=args.solver, tol=args.tol,
+                       window=args.window, callback=bar)
+    finally:
+        bar.close()
+    return res.x0, f"parallel, {res.iterations} rounds, {res.nfe} step evaluations"
+
+
+def simulate_report(inputs, restored, truths, measured, op, shape):
+    """Print PSNR/SSIM of restoration and baseline per image; return the figure's rows."""
+    print(f"{'image':<24}{'PSNR restored':>15}{'PSNR baseline':>15}{'SSIM restored':>15}"
+          f"{'SSIM baseline':>15}")
+    rows, scores = [], []
+    names = iter(inputs)
+    for x0s, truth, y in zip(restored, truths, measured):
+        bases = baseline(op, y, shape)
+        views = degraded_view(op, y)
+        for x0, t, b, v in zip(x0s, truth.cpu(), bases, views):
+            name = next(names).name
+            q_x, q_b = quality(x0, t), quality(b, t)
+            scores.append((*q_x, *q_b))
+            print(f"{name[:23]:<24}{fmt_db(q_x[0]):>15}{fmt_db(q_b[0]):>15}{q_x[1]:>15.3f}"
+                  f"{q_b[1]:>15.3f}")
+            rows.append((name[:20], [
+                figures.Cell(io.to_display(v), degraded_caption(v, t)),
+                figures.Cell(io.to_display(b), f"{fmt_db(q_b[0])} dB, SSIM {q_b[1]:.2f}"),
+                figures.Cell(io.to_display(x0), f"{fmt_db(q_x[0])} dB, SSIM {q_x[1]:.2f}"),
+                figures.Cell(io.to_display(t), "truth")]))
+    if len(scores) > 1:
+        mean = np.mean(np.array(scores), axis=0)
+        print(f"{'mean':<24}{fmt_db(mean[0]):>15}{fmt_db(mean[2]):>15}{mean[1]:>15.3f}"
+              f"{mean[3]:>15.3f}")
+    return rows
+
+
+# -- demo ---------------------------------------------------------------------------------
+def run_demo(args) -> int:
+    from .models import bundled_model, heldout_images
+    reporter = Reporter(args.quiet)
+    tasks = args.tasks or list(DEMO_TASKS)
+    truth_all = heldout_images()
+    if args.images > len(truth_all):
+        raise ValueError(f"--images {args.images}: the bundled held-out set has "
+                         f"{len(truth_all)} images")
+    out = Path(args.out)
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise ValueError(f"--out {args.out} looks like a file; the demo writes demo.png and "
+                         f"convergence.png into the folder --out names")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder")
+    io.check_folder_writable(out, f"--out {args.out}")
+    for name in ("demo.png", "convergence.png"):
+        if (out / name).exists() and not os.access(out / name, os.W_OK):
+            raise ValueError(f"--out: {out / name} exists and is read-only")
+
+    torch.manual_seed(args.seed)
+    model = bundled_model().to(args.device)
+    schedule = model_schedule(model)
+    truth = truth_all[: args.images].to(args.device)
+    shape = tuple(truth.shape[1:])
+    rows, grid, traces = [], [], {}
+    for name in tasks:
+        op, y, sigma_y = degrade(name, truth, args.seed)
+        chain = make_chain(args.sampler, schedule, args.steps, op, y, sigma_y)
+        x_T = initial_noise(args.seed, truth.shape, args.device)
+        bar = StepProgress(reporter, f"{name} serial", args.steps)
+        t0 = time.perf_counter()
+        serial = dq.sample_serial(model, chain, x_T, callback=bar,
+                                  generator=chain_generator(args.seed, args.device))
+        t_serial = time.perf_counter() - t0
+        bar.close()
+        bar = RoundProgress(reporter, f"{name} parallel", args.steps)
+        res = dq.solve(model, chain, x_T, generator=chain_generator(args.seed, args.device),
+                       solver=args.solver, tol=args.tol, window=args.window, callback=bar)
+        bar.close()
+        traces[name] = {"residuals": res.residuals, "converged": res.converged}
         base = baseline(op, y, shape)
-        q_serial, q_par, q_base = quality(serial, truth), quality(res.x0, truth), quality(base, truth)
+        results = (("serial", serial), ("parallel", res.x0), ("baseline", base))
+        per_image = {key: [quality(x, t) for x, t in zip(batch, truth)] for key, batch in results}
+        mean = {key: np.mean(np.array(v), axis=0) for key, v in per_image.items()}
         rows.append(dict(task=name, sampler=args.sampler, steps=args.steps, rounds=res.iterations,
                          nfe=res.nfe, t_serial=t_serial, t_parallel=res.seconds,
-                         psnr_serial=q_serial[0], psnr_parallel=q_par[0], psnr_baseline=q_base[0],
-                         ssim_serial=q_serial[1], ssim_parallel=q_par[1], ssim_baseline=q_base[1],
+                         psnr_serial=mean["serial"][0], psnr_parallel=mean["parallel"][0],
+                         psnr_baseline=mean["baseline"][0], ssim_serial=mean["serial"][1],
+                         ssim_parallel=mean["parallel"][1], ssim_baseline=mean["baseline"][1],
                          diff=(res.x0 - serial).abs().max().item()))
-        pictures.append((name, base[0].cpu(), serial[0].cpu(), res.x0[0].cpu(), truth[0].cpu()))
-    rows.append(generation_row(model, truth, args))
+        view = degraded_view(op, y)[0].cpu()
+        db = {key: fmt_db(v[0][0]) for key, v in per_image.items()}
+        grid.append((name, [
+            figures.Cell(io.to_display(view), degraded_caption(view, truth[0].cpu())),
+            figures.Cell(io.to_display(base[0].cpu()), f"{db['baseline']} dB"),
+            figures.Cell(io.to_display(serial[0].cpu()), f"{db['serial']} dB"),
+            figures.Cell(io.to_display(res.x0[0].cpu()),
+                         f"{db['parallel']} dB, {res.iterations} rounds"),
+            figures.Cell(io.to_display(truth[0].cpu()), "truth")]))
+    generated, cells = generation_row(model, schedule, truth.shape, args, reporter)
+    rows.append(generated)
+    grid.append(("generate", cells))
+    traces["generate (DDIM)"] = generated.pop("trace")
     print_table(rows)
-    save_figure(pictures, out / "demo.png")
-    save_convergence(traces, out / "convergence.png", args.tol)
+    label = f"{args.sampler.upper()}-{args.steps}"
+    io.write_all([
+        (out / "demo.png", lambda tmp: figures.image_grid(
+            grid, ("degraded input", "baseline", "serial", "parallel", "ground truth"), tmp,
+            title=f"Bundled model, {label} (generate: DDIM-{args.steps}); PSNR to the truth "
+                  f"under each image",
+            caption="baseline: bicubic upsampling for super-resolution, the pseudo-inverse "
+                    "otherwise (zero fill for inpainting). The parallel solve reproduces the "
+                    "serial sampler to the tolerance. Generate: unconditional sampling from "
+                    "the noise x_T, no truth.")),
+        (out / "convergence.png", lambda tmp: figures.convergence_plot(
+            traces, tmp, args.tol, label)),
+    ])
     print(f"\nwrote {out / 'demo.png'} and {out / 'convergence.png'}")
     return 0
 
 
-def generation_row(model, truth, args) -> dict:
+def degraded_caption(view: torch.Tensor, truth: torch.Tensor) -> str:
+    """PSNR of the degraded input when it is comparable with the truth, else its size."""
+    if view.shape == truth.shape:
+        return f"{fmt_db(quality(view, truth)[0])} dB"
+    kind = "grey" if view.shape[0] == 1 else "input"
+    return f"{view.shape[-2]}x{view.shape[-1]} {kind}"
+
+
+def generation_row(model, schedule, shape, args, reporter: Reporter):
     """Unconditional DDIM sampling: the deterministic chain the parallel solve converges
     on fastest (no ground truth, so no PSNR)."""
-    sched = dq.Schedule.linear(1000, beta_start=1e-4, beta_end=0.02)
-    chain = dq.DDIM(sched, dq.timesteps(sched, args.steps))
-    x_T = initial_noise(args, truth.shape)
+    chain = dq.DDIM(schedule, dq.timesteps(schedule, args.steps))
+    x_T = initial_noise(args.seed, shape, args.device)
+    bar = StepProgress(reporter, "generate serial", args.steps)
     t0 = time.perf_counter()
-    serial = dq.sample_serial(model, chain, x_T)
+    serial = dq.sample_serial(model, chain, x_T, callback=bar)
     t_serial = time.perf_counter() - t0
-    res = dq.solve(model, chain, x_T, solver=args.solver, tol=args.tol)
+    bar.close()
+    bar = RoundProgress(reporter, "generate parallel", args.steps)
+    res = dq.solve(model, chain, x_T, solver=args.solver, tol=args.tol, window=args.window,
+                   callback=bar)
+    bar.close()
     nan = float("nan")
-    return dict(task="generate", sampler="ddim", steps=args.steps, rounds=res.iterations,
-                nfe=res.nfe, t_serial=t_serial, t_parallel=res.seconds, psnr_serial=nan,
-                psnr_parallel=nan, psnr_baseline=nan, ssim_serial=nan, ssim_parallel=nan,
-                ssim_baseline=nan, diff=(res.x0 - serial).abs().max().item())
+    diff = (res.x0 - serial).abs().max().item()
+    row = dict(task="generate", sampler="ddim", steps=args.steps, rounds=res.iterations,
+               nfe=res.nfe, t_serial=t_serial, t_parallel=res.seconds, psnr_serial=nan,
+               psnr_parallel=nan, psnr_baseline=nan, ssim_serial=nan, ssim_parallel=nan,
+               ssim_baseline=nan, diff=diff,
+               trace={"residuals": res.residuals, "converged": res.converged})
+    cells = [figures.Cell(io.to_display(x_T[0].cpu() / 3), "noise x_T (scaled 1/3)"),
+             figures.Cell(None),
+             figures.Cell(io.to_display(serial[0].cpu()), f"{args.steps} steps"),
+             figures.Cell(io.to_display(res.x0[0].cpu()), f"{res.iterations} rounds, "
+                                                         f"|Δ| {diff:.0e}"),
+             figures.Cell(None)]
+    return row, cells
 
 
 def print_table(rows) -> None:
@@ -175,6 +560,7 @@ def print_table(rows) -> None:
             f"{'SSIM par':>9}{'max|par-ser|':>13}")
     print(head)
     print("-" * len(head))
+
     def num(v, width, spec):
         return f"{'-' if v != v else format(v, spec):>{width}}"      # NaN -> "-"
 
@@ -190,179 +576,289 @@ def print_table(rows) -> None:
           "base: bicubic (SR) or pseudo-inverse.")
 
 
-def save_figure(pictures, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cols = ("degraded / baseline", "serial", "parallel", "ground truth")
-    fig, axes = plt.subplots(len(pictures), 4, figsize=(8, 2.1 * len(pictures)), squeeze=False)
-    for r, (name, *imgs) in enumerate(pictures):
-        for c, img in enumerate(imgs):
-            ax = axes[r, c]
-            ax.imshow(to_unit(img), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(cols[c], fontsize=9)
-        axes[r, 0].set_ylabel(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def save_convergence(traces, path: Path, tol: float) -> None:
-    """Per task: how many steps are final (frozen) after each round — the convergence
-    front — and the largest residual among the steps still active in that round."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (front, resid) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, trace in traces.items():
-        S = trace.shape[1]
-        rounds = range(1, len(trace) + 1)
-        # a NaN marks a step frozen before that round; after the last round all S are
-        frozen = [int(torch.isnan(row).sum()) for row in trace[1:]] + [S]
-        front.plot(rounds, frozen, marker=".", label=name)
-        worst = torch.nan_to_num(trace, nan=0.0, posinf=float("nan")).amax(1).clamp_min(1e-12)
-        resid.semilogy(rounds, worst.numpy(), marker=".", label=name)
-    front.plot([0, S], [0, S], color="k", linestyle=":", linewidth=0.8, label="serial (1 step/round)")
-    front.set_xlabel("solver round")
-    front.set_ylabel("steps final")
-    front.set_title("convergence front")
-    resid.axhline(tol, color="k", linestyle="--", linewidth=0.8, label=f"tol {tol:g}")
-    resid.set_xlabel("solver round")
-    resid.set_ylabel("max residual of the active steps (noise units)")
-    resid.set_title("residual")
-    front.legend(fontsize=7)
-    resid.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# -- restore --------------------------------------------------------------------------
-def load_image(path: Path) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+# -- info ---------------------------------------------------------------------------------
+def _version(package: str) -> str:
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise ValueError(f"INPUT {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"INPUT {path} is not a readable image ({exc})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2 - 1
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
-def save_image(x: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((to_unit(x[0]) * 255).round().astype(np.uint8)).save(path)
+def devices() -> List[torch.device]:
+    found = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        found += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append(torch.device("mps"))
+    return found
 
 
-def run_restore(args) -> int:
-    from .models import bundled_model, load_unet
-    device = device_of(args)
-    model = load_unet(args.model, max_batch=args.max_batch) if args.model else bundled_model(args.max_batch)
-    model = model.to(device)
-    sample = model.network.config.sample_size
-    size = sample if isinstance(sample, int) else tuple(sample)[0]
-    image = load_image(Path(args.input)).to(device)
-    task = get_task(args.task)
-    if args.simulate:
-        truth = image
-        check_size(truth.shape[-2:], size, "INPUT")
-        op, y, sigma_y = degrade(args.task, truth, args.seed)
-    else:
-        probe = build_operator(args.task, (3, size, size), args.seed)
-        want = probe.y_shape_for((3, size, size))
-        if tuple(image.shape[1:]) != tuple(want):
-            raise ValueError(f"INPUT has size {image.shape[-2]}x{image.shape[-1]}, but task "
-                             f"{args.task} on this {size}x{size} model takes a measurement of "
-                             f"{want[1]}x{want[2]} (or pass --simulate with a clean "
-                             f"{size}x{size} image)")
-        op, y, sigma_y = probe, image, task.sigma_y
-    chain = make_chain(args.sampler, args.steps, op, y, sigma_y)
-    x_T = initial_noise(args, (1, 3, size, size))
-    gen = generator(args, 3)
-    t0 = time.perf_counter()
-    if args.optimize_init:
-        if args.serial:
-            raise ValueError("--optimize-init runs parallel solves; drop --serial")
-        opt = dq.optimize_init(model, chain, x_T, loss="measurement", steps=args.optimize_init,
-                               lr=args.lr, generator=gen, solver=args.solver, tol=args.tol)
-        x0 = opt.x0
-        note = (f"initialization optimized over {args.optimize_init} steps, ||Ax0 - y||² "
-                f"{opt.losses[0]:.4g} -> {float(measurement(op, x0, y)):.4g}, solver rounds "
-                f"{opt.rounds}")
-    elif args.serial:
-        x0 = dq.sample_serial(model, chain, x_T, generator=gen)
-        note = f"serial, {args.steps} model calls"
-    else:
-        bar = RoundBar("parallel", args.steps, args.quiet)
-        res = dq.solve(model, chain, x_T, generator=gen, solver=args.solver, tol=args.tol, callback=bar)
-        bar.close()
-        x0 = res.x0
-        note = f"parallel, {res.iterations} rounds, {res.nfe} step evaluations"
-    save_image(x0, Path(args.out))
-    if not args.quiet:
-        print(f"{args.task} with {args.sampler}-{args.steps} ({note}) in "
-              f"{time.perf_counter() - t0:.2f} s -> {args.out}")
+def device_lines() -> List[Tuple[str, str]]:
+    lines = [("cpu", f"{torch.get_num_threads()} threads (OMP_NUM_THREADS="
+                     f"{os.environ.get('OMP_NUM_THREADS', 'unset')})")]
+    for device in devices()[1:]:
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            lines.append((str(device), f"{props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                                       f"compute {props.major}.{props.minor}"))
+        else:
+            lines.append((str(device), "available"))
+    if len(lines) == 1:
+        lines.append(("cuda", "none visible to torch"))
+    return lines
+
+
+def backend_lines() -> List[Tuple[str, str]]:
+    """The hot operations' backends: which exist, which one each device gets. Kernel work
+    adds its ops here."""
+    from .ops import scan
+    lines = [("scan backends", ", ".join(scan.BACKENDS)),
+             ("DEQIR_FAST_BACKEND", os.environ.get("DEQIR_FAST_BACKEND", "unset (auto)"))]
+    for device in devices():
+        try:
+            chosen = scan.scan_backend(torch.zeros(1, device=device))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            chosen = f"error: {exc}"
+        lines.append((f"scan on {device}", chosen))
+    return lines
+
+
+def environment_lines() -> List[Tuple[str, str]]:
+    cuda = torch.version.cuda or "none"
+    lines = [("deqir-fast", dq.__version__), ("python", platform.python_version()),
+             ("torch", f"{torch.__version__} (CUDA build: {cuda})")]
+    lines += [(name, _version(name)) for name in ("triton", "diffusers", "numpy", "scikit-image",
+                                                  "pillow", "matplotlib")]
+    return lines + device_lines() + backend_lines()
+
+
+def run_info(args) -> int:
+    lines = environment_lines()
+    width = max(len(k) for k, _ in lines) + 2
+    for key, value in lines:
+        print(f"{key:<{width}}{value}")
     return 0
 
 
-def measurement(op, x0, y):
-    return (op.A(x0) - y).pow(2).sum()
+# -- arguments ----------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the default prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def check_size(hw, size, name):
-    if tuple(hw) != (size, size):
-        raise ValueError(f"{name} is {hw[0]}x{hw[1]}, but the model takes {size}x{size} images")
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and appends every option's default."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings
+                or any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
-# -- entry point -------------------------------------------------------------------------
+def _checked(convert, test, requirement: str):
+    """An argparse type: ``convert`` the text, then require ``test``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+
+
+def device_arg(text: str) -> torch.device:
+    """cpu, cuda, cuda:N, mps or auto (the first CUDA device when there is one)."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or "
+                                         f"auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text} was asked for, but torch sees no CUDA "
+                                             f"device (`deqir-fast info` lists the devices)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} "
+                                             f"CUDA device(s)")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text} was asked for, but MPS is not available")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda, cuda:N "
+                                         f"or auto")
+    return device
+
+
+def task_arg(text: str) -> str:
+    if text not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}; known tasks: "
+                                         f"{', '.join(sorted(TASKS))}")
+    return text
+
+
+def task_list(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("needs at least one task name")
+    return [task_arg(n) for n in names]
+
+
+def add_chain_options(p, steps: int) -> None:
+    g = p.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=SAMPLERS, default="ddrm",
+                   help="DDRM (Kawar et al. 2022) or DDNM (Wang et al. 2023)")
+    g.add_argument("--steps", type=positive_int, default=steps, metavar="S",
+                   help="sampling steps (model evaluations of the serial sampler)")
+
+
+def add_solver_options(p) -> None:
+    g = p.add_argument_group("parallel solve")
+    g.add_argument("--solver", choices=tuple(SOLVERS), default=DEFAULT_SOLVER,
+                   help="fixed-point solver of the parallel mode")
+    g.add_argument("--tol", type=non_negative_float, default=dq.api.DEFAULT_TOL,
+                   help="stopping tolerance per step, in noise units (0: iterate to the exact "
+                        "serial result)")
+    g.add_argument("--window", type=positive_int, default=None, metavar="W",
+                   help="steps evaluated per round (sliding window; bounds memory to W x batch "
+                        "images per model call; default: all S steps)")
+
+
+def add_run_options(p) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of every random draw")
+    g.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu, cuda, cuda:N, mps, or auto (CUDA when torch sees a GPU)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    g.add_argument("--verbose", action="store_true", help="show the traceback of an error")
+
+
+DESCRIPTION = """\
+Restore images with a diffusion model (DDRM or DDNM), solving the whole sampling chain
+as one parallel fixed-point system (DeqIR) or step by step. Without --model, the bundled
+1.1M-parameter UNet (32x32 coloured digits) is used."""
+
+EXAMPLES = """\
+examples:
+  deqir-fast demo                                   # bundled images: serial vs parallel
+  deqir-fast restore low.png --task sr4 --out high.png
+  deqir-fast restore photo.png --task inpaint_box --simulate --resize --crop
+  deqir-fast restore scans/ --task deblur_gauss --out restored/
+  deqir-fast restore 'frames/*.png' --task denoise --mode parallel --window 10 --out out/
+  deqir-fast info"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deqir-fast", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="deqir-fast", description=DESCRIPTION, epilog=EXAMPLES,
+                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"deqir-fast {dq.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(q, steps):
-        q.add_argument("--sampler", choices=SAMPLERS, default="ddrm")
-        q.add_argument("--steps", type=int, default=steps)
-        q.add_argument("--solver", default="triangular_anderson",
-                       choices=("picard", "anderson", "triangular_anderson"))
-        q.add_argument("--tol", type=float, default=dq.api.DEFAULT_TOL)
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-        q.add_argument("--max-batch", type=int, default=None,
-                       help="at most this many images per model call")
-        q.add_argument("--quiet", action="store_true")
-
-    d = sub.add_parser("demo", help="restore bundled held-out images, serial vs parallel")
-    common(d, steps=20)
-    d.add_argument("--images", type=int, default=4)
-    d.add_argument("--tasks", default="", help=f"comma-separated, default {','.join(DEMO_TASKS)}")
-    d.add_argument("--out", default="out")
-    r = sub.add_parser("restore", help="restore one image")
-    common(r, steps=50)
-    r.add_argument("input")
-    r.add_argument("--task", required=True, help=f"one of {', '.join(sorted(TASKS))}")
-    r.add_argument("--model", default=None, help="a diffusers UNet2DModel folder")
+    r = sub.add_parser("restore", help="restore images (files, folders or glob patterns)",
+                       description=DESCRIPTION, formatter_class=_HelpFormatter, epilog=EXAMPLES)
+    r.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders of images or quoted glob patterns. Each is the "
+                        "measurement y of --task (e.g. the low-resolution image for sr4, a "
+                        "grey one for colorize), or with --simulate a clean image to degrade "
+                        "first. 8/16-bit, grey, RGB, RGBA (alpha dropped) and palette images "
+                        "are read")
+    r.add_argument("--task", type=task_arg, required=True,
+                   help=f"the degradation: {', '.join(sorted(TASKS))}")
+    r.add_argument("--out", default=None,
+                   help="output file (.png, .jpg, .tif, ...) for one input, or a folder "
+                        "(ending in /) receiving INPUT-NAME.png per input (default: "
+                        "restored.png, or restored/ for several inputs)")
     r.add_argument("--simulate", action="store_true",
-                   help="INPUT is a clean image: degrade it with the task first")
-    r.add_argument("--serial", action="store_true", help="run the serial sampler instead")
-    r.add_argument("--optimize-init", type=int, default=0, metavar="N",
-                   help="optimize x_T for N Adam steps on ||A x0 - y||² (implicit gradients)")
-    r.add_argument("--lr", type=float, default=0.05, help="Adam step for --optimize-init")
-    r.add_argument("--out", default="restored.png")
+                   help="INPUT is a clean image: degrade it with the task, restore it, print "
+                        "PSNR/SSIM of the restoration and the baseline and save a figure "
+                        "(degraded | baseline | restored | truth) next to --out")
+    r.add_argument("--model", default=None, metavar="FOLDER",
+                   help="a diffusers UNet2DModel folder (default: the bundled model)")
+    r.add_argument("--resize", action="store_true",
+                   help="scale inputs of another size to the size needed (with --crop: keep "
+                        "the aspect ratio and crop the centre)")
+    r.add_argument("--crop", action="store_true", help="cut the centre of the size needed")
+    r.add_argument("--mode", choices=MODES, default="auto",
+                   help="parallel: solve all steps at once; serial: step by step; auto: "
+                        "serial on a CPU, parallel on a GPU")
+    r.add_argument("--max-batch", type=positive_int, default=16, metavar="N",
+                   help="images restored together in one solve; more inputs run in further "
+                        "solves")
+    r.add_argument("--optimize-init", type=non_negative_int, default=0, metavar="N",
+                   help="optimize x_T for N Adam steps on ||A x0 - y||² with implicit "
+                        "gradients (parallel solves)")
+    r.add_argument("--lr", type=positive_float, default=0.05, help="Adam step for --optimize-init")
+    add_chain_options(r, steps=50)
+    add_solver_options(r)
+    add_run_options(r)
+
+    d = sub.add_parser("demo", help="restore bundled held-out images serially and in parallel; "
+                                    "print a table, save demo.png and convergence.png",
+                       description="Restore bundled held-out images (coloured digits) with the "
+                                   "bundled model, serially and in parallel, for several tasks; "
+                                   "print rounds, model evaluations, times, PSNR/SSIM against "
+                                   "the truth and a baseline; save demo.png and convergence.png.",
+                       formatter_class=_HelpFormatter)
+    d.add_argument("--tasks", type=task_list, default=None,
+                   help=f"comma-separated tasks (default: {','.join(DEMO_TASKS)})")
+    d.add_argument("--images", type=positive_int, default=4, help="held-out images per task")
+    d.add_argument("--out", default="out", metavar="FOLDER", help="folder for the figures")
+    add_chain_options(d, steps=20)
+    add_solver_options(d)
+    add_run_options(d)
+
+    i = sub.add_parser("info", help="versions, devices and kernel backends",
+                       description="Print the versions of deqir-fast and its dependencies, the "
+                                   "devices torch sees and the kernel backends each would use.",
+                       formatter_class=_HelpFormatter)
+    i.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     return p
+
+
+COMMANDS = {"restore": run_restore, "demo": run_demo, "info": run_info}
 
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_demo(args) if args.command == "demo" else run_restore(args)
-    except (ValueError, TypeError) as exc:
-        print(f"deqir-fast: error: {exc}", file=sys.stderr)
-        return 2
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("deqir-fast: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        # Mistakes in what was asked for: a one-line message says what to change.
+        return _fail(exc, args, 2, hint="")
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug or a device failure
+        return _fail(exc, args, 1, hint=" (--verbose shows the traceback)")
+
+
+def _fail(exc: BaseException, args, code: int, hint: str) -> int:
+    if getattr(args, "verbose", False):
+        traceback.print_exc()
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if code != 2:
+        message = f"{type(exc).__name__}: {message}"
+    print(f"deqir-fast: error: {message}{'' if getattr(args, 'verbose', False) else hint}",
+          file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
-"""Model adapters, loading from a folder, and the CLI end to end on tiny settings."""
-import numpy as np
+"""Model adapters and loading from a folder (the command line: tests/test_cli.py)."""
 import pytest
 import torch
 
 import deqir_fast as dq
-from deqir_fast import cli
 from deqir_fast.models import EpsModel, bundled_model, heldout_images, load_unet
 
 diffusers = pytest.importorskip("diffusers")
@@ -79,41 +77,3 @@ def test_bundled_model_and_images_load():
     with torch.no_grad():
         eps = model(images[:2], torch.tensor([10, 900]))
     assert eps.shape == (2, 3, 32, 32) and torch.isfinite(eps).all()
-
-
-def test_cli_demo_end_to_end(tmp_path, capsys):
-    rc = cli.main(["demo", "--steps", "4", "--images", "1", "--tasks", "sr2,inpaint_box",
-                   "--out", str(tmp_path), "--quiet"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "sr2" in out and "inpaint_box" in out and "PSNR" in out
-    assert (tmp_path / "demo.png").stat().st_size > 1000
-    assert (tmp_path / "convergence.png").stat().st_size > 1000
-
-
-def test_cli_restore_end_to_end(tmp_path, capsys):
-    from PIL import Image
-    img = ((heldout_images()[0].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
-    Image.fromarray(img).save(tmp_path / "clean.png")
-    Image.fromarray(img[::2, ::2]).save(tmp_path / "low.png")
-    assert cli.main(["restore", str(tmp_path / "clean.png"), "--task", "inpaint_box", "--simulate",
-                     "--steps", "4", "--out", str(tmp_path / "a.png"), "--quiet"]) == 0
-    assert cli.main(["restore", str(tmp_path / "low.png"), "--task", "sr2", "--steps", "4",
-                     "--serial", "--out", str(tmp_path / "b.png"), "--quiet"]) == 0
-    assert Image.open(tmp_path / "b.png").size == (32, 32)
-    assert cli.main(["restore", str(tmp_path / "clean.png"), "--task", "sr4", "--simulate",
-                     "--steps", "3", "--optimize-init", "2", "--out", str(tmp_path / "c.png")]) == 0
-    assert "initialization optimized over 2 steps" in capsys.readouterr().out
-    # clear errors: unreadable file, wrong size, unknown task
-    (tmp_path / "junk.png").write_text("not an image")
-    assert cli.main(["restore", str(tmp_path / "junk.png"), "--task", "sr2"]) == 2
-    assert "not a readable image" in capsys.readouterr().err
-    assert cli.main(["restore", str(tmp_path / "clean.png"), "--task", "sr2"]) == 2
-    assert "takes a measurement of 16x16" in capsys.readouterr().err
-    assert cli.main(["restore", str(tmp_path / "clean.png"), "--task", "sr3"]) == 2
-    assert "unknown task" in capsys.readouterr().err
-    assert cli.main(["restore", str(tmp_path / "nope.png"), "--task", "sr2"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert cli.main(["restore", str(tmp_path / "low.png"), "--task", "sr2", "--device", "cuda"]) == 2
-        assert "no CUDA device" in capsys.readouterr().err
