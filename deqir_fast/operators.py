@@ -559,9 +559,6 @@ class DecomposableAdapter(Operator):
 
 def from_deepinv(physics, shape: Sequence[int], **kw) -> DecomposableAdapter:
     """A deqir_fast operator from a deepinv ``DecomposablePhysics`` (``pip install
-    'deqir_fast[deepinv]'``); any object with the same interface is accepted too."""
-    try:
-        import deepinv  # noqa: F401  (optional: the adapter needs only the interface)
-    except ImportError:
-        pass
+    'deqir_fast[deepinv]'``); any object with the same interface is accepted too (the
+    adapter needs only the interface, so deepinv itself is never imported)."""
     return DecomposableAdapter(physics, shape, **kw)

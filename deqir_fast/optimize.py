@@ -1,5 +1,5 @@
 """Initialization optimization: choose x_T so that the restored x0 minimises a loss,
-with implicit gradients and warm-started solves (DESIGN.md §4)."""
+with implicit gradients and warm-started solves (docs/design.md §4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

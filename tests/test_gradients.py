@@ -93,15 +93,53 @@ def test_phantom_gradient_is_a_cheap_approximation(schedule):
     assert 0.5 < cos < 1 - 1e-9
 
 
-def test_optimize_init_reduces_the_measurement_loss_and_warm_starts_help(schedule):
-    model, chain, x_T = make_problem(schedule, "ddrm", "sr", 20, 1, 0.05, seed=7)
-    warm = dq.optimize_init(model, chain, x_T, loss="measurement", steps=6, lr=0.05,
-                            generator=torch.Generator().manual_seed(0), tol=1e-6)
-    cold = dq.optimize_init(model, chain, x_T, loss="measurement", steps=6, lr=0.05,
-                            generator=torch.Generator().manual_seed(0), tol=1e-6, warm_start=False)
-    assert warm.losses[-1] < warm.losses[0]
-    assert sum(warm.rounds[1:]) < sum(cold.rounds[1:])
-    assert torch.allclose(warm.x0, cold.x0, atol=1e-4)   # same optimisation, same answer
+def init_problem(schedule):
+    """DDIM (eta 0) on a Gaussian prior: x0 is an affine function of x_T with a gain of
+    about the prior's std, so a measurement loss ||A x0 - y||² on it is a smooth quadratic
+    in x_T that Adam lowers by a wide margin. (On DDRM/DDNM the observed components of x0
+    forget x_T: DDRM's update of an observed element does not read the state, DDNM's
+    replaces it by A⁺y. With a prior that does not couple components the measurement
+    loss is flat in x_T, its gradient ~1e-12, and whether it falls is down to rounding.)"""
+    from deqir_fast import operators as ops
+    shape = (3, 8, 8)
+    gen = torch.Generator().manual_seed(7)
+    model = dq.testing.GaussianMixtureDenoiser(schedule, shape, components=1, std=0.5, seed=7)
+    x_T = torch.randn((1, *shape), generator=gen, dtype=torch.float64)
+    truth = model.means.detach() + 0.5 * torch.randn((1, *shape), generator=gen,
+                                                     dtype=torch.float64)
+    op = ops.SuperResolution(2, shape)
+    y = op.A(truth)
+    chain = dq.DDIM(schedule, dq.timesteps(schedule, 20), eta=0.0)
+    return model, chain, x_T, (lambda x0: (op.A(x0) - y).pow(2).sum())
+
+
+def test_optimize_init_reduces_the_measurement_loss(schedule):
+    model, chain, x_T, loss = init_problem(schedule)
+    kw = dict(loss=loss, steps=6, lr=0.05, tol=1e-8, grad_tol=1e-10)
+    warm = dq.optimize_init(model, chain, x_T, **kw)
+    cold = dq.optimize_init(model, chain, x_T, warm_start=False, **kw)
+    unrolled = dq.optimize_init(model, chain, x_T, warm_start=False, grad="unrolled", **kw)
+    # Every Adam step lowers the loss, by 44% in all (5.17 -> 2.91): assert 25%.
+    assert all(b < a for a, b in zip(warm.losses, warm.losses[1:]))
+    assert warm.losses[-1] < 0.75 * warm.losses[0]
+    # The implicit gradient steers exactly as autograd through the serial chain.
+    assert all(abs(a - b) <= 1e-6 * b for a, b in zip(warm.losses, unrolled.losses))
+    assert torch.allclose(warm.x_T, unrolled.x_T, atol=1e-6, rtol=0)
+    # Same optimisation, same answer, warm-started or not.
+    assert torch.allclose(warm.x0, cold.x0, atol=1e-6, rtol=0)
+    assert torch.allclose(warm.x0, dq.sample_serial(model, chain, warm.x_T), atol=1e-6, rtol=0)
+
+
+def test_optimize_init_warm_start_reuses_the_previous_solution(schedule):
+    # lr = 0 keeps x_T fixed, so every solve after the first starts from its own answer
+    # when warm-started (measured: 2 + 1 + 1 rounds against 17 each from scratch).
+    model, chain, x_T, loss = init_problem(schedule)
+    kw = dict(loss=loss, steps=3, lr=0.0, tol=1e-8)
+    warm = dq.optimize_init(model, chain, x_T, **kw)
+    cold = dq.optimize_init(model, chain, x_T, warm_start=False, **kw)
+    assert warm.rounds[0] == cold.rounds[0]
+    assert sum(warm.rounds[1:]) * 3 <= sum(cold.rounds[1:])
+    assert torch.allclose(warm.x0, cold.x0, atol=1e-6, rtol=0)
 
 
 def test_gradient_bad_inputs(schedule):
