@@ -56,3 +56,8 @@ def check_positive_int(name: str, value, *, allow_none: bool = False):
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The solver state is never below float32, whatever the inputs' precision."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def raise_nonfinite(step: int):
+    """The model gave NaN/Inf at an exact step (its input is the serial sampler's)."""
+    raise ValueError(f"model output contains NaN or Inf at step {step}")

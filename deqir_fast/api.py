@@ -10,17 +10,21 @@ import torch
 
 from ._checks import check_positive_int, check_tensor, state_dtype
 from .chains import Chain
-from .solvers import SOLVERS, SolverStats, fixed_point_solve
+from .linearize import check_linearize
+from .solvers import FREEZE_RATIO, SolverStats, check_solver, fixed_point_solve
 from .system import ChainSystem, Model
 
-# Default stopping rule: a step freezes once every step before it has
-# max|F(X)_i - X_i| <= TOL * max(σ_i, FLOOR). Calibrated in bench/RESULTS.md §2 on the
-# bundled model, DDIM-100: triangular Anderson from the jump guess stops after 11 rounds
-# with max|x0 - serial| = 3.1e-3 at TOL = 3e-3 (1.5e-2 at 1e-2, over the 2/255 = 7.8e-3
-# of one 8-bit grey level), i.e. the x0 error is about TOL.
-DEFAULT_TOL = 3e-3
+# Default stopping rule: stop when every step has max|F(X)_i - X_i| <= TOL * max(σ_i, FLOOR).
+# Calibrated by `bench/calibrate.py` (bench/RESULTS.md, "Stopping rule") on 372 recorded
+# solves: the bundled UNet and photo16 (9 chains, S = 20 and 100) and 300 seeds of the
+# README's Gaussian-mixture problems. At TOL = 0.01 none ends over one grey level
+# (2/255; worst 8.4e-4); the first failures (mode selection on the mixture prior, 1.7
+# off) appear at 0.03, so 0.01 keeps a 3x margin. 3e-3 costs 0.4 more rounds on average.
+DEFAULT_TOL = 1e-2
 DEFAULT_FLOOR = 0.1
 DEFAULT_INIT = "jump"
+DEFAULT_SOLVER = "picard"
+DEFAULT_LINEARIZE = "secant"
 # Adjoint stopping rule, relative to max|dL/dx0|. Measured on DDIM-100 with the bundled
 # model (bench/RESULTS.md §4): 1e-3 stops after 12 adjoint rounds, 1e-8 runs all 100,
 # and both leave the same 1.8e-4 relative error against autograd through the serial
@@ -113,38 +117,54 @@ GRADS = ("ift", "phantom", "unrolled")
 
 
 def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.Tensor] = None,
-          generator: Optional[torch.Generator] = None, solver: str = "triangular_anderson",
+          generator: Optional[torch.Generator] = None, solver: str = DEFAULT_SOLVER,
+          linearize: str = DEFAULT_LINEARIZE,
           tol: float = DEFAULT_TOL, max_iter: Optional[int] = None, window: Optional[int] = None,
-          init=DEFAULT_INIT, floor: float = DEFAULT_FLOOR, history: int = 4,
-          lam: float = 1e-4, beta: float = 1.0,
+          init=DEFAULT_INIT, floor: float = DEFAULT_FLOOR, freeze_ratio: float = FREEZE_RATIO,
+          history: int = 4,
+          anderson_reg: float = 1e-4, anderson_damping: float = 1.0,
           callback: Optional[Callable[[dict], None]] = None, grad: str = "ift",
           grad_tol: float = DEFAULT_GRAD_TOL, phantom_steps: int = 5, phantom_damping: float = 0.5,
           ) -> SolveResult:
     """Solve the whole sampling chain as one fixed-point system, in parallel.
 
     Each round evaluates ``model`` once on every active step's state (a batch of
-    window x B images) and rebuilds all states with the affine scan. Steps converge
-    front to back and are frozen once the steps before them have converged; with
-    ``max_iter >= S`` (the default) the result always reaches the serial sampler's.
+    window x B images) and rebuilds all states with the linearised affine scan. Steps
+    converge front to back and are frozen once the steps before them have converged;
+    with ``max_iter >= S`` (the default) the result always reaches the serial sampler's.
 
     Args:
         model: ``model(x, t) -> eps``, x: [N, C, H, W], t: LongTensor [N].
         chain: a ``DDIM``, ``DDRM`` or ``DDNM`` chain.
         x_T, noise, generator: as for ``sample_serial`` (same seed, same result).
-        solver: ``"picard"``, ``"anderson"`` (per-step weights) or
-            ``"triangular_anderson"`` (prefix-summed Gram matrices; the default).
-        tol: per-step stopping threshold on max|F(X)_i - X_i| / max(σ_i, floor).
+        solver: the update rule, a name in ``deqir_fast.solvers.SOLVERS``:
+            ``"picard"`` (X <- F(X); the default), ``"anderson"`` (per-step weights) or
+            ``"triangular_anderson"`` (prefix-summed Gram matrices).
+        linearize: the Jacobian guess J folded into the scan (docs/design.md §3a):
+            ``"secant"`` (the default: a Gaussian-prior start refitted every round per
+            step, batch item and coefficient class), ``"gaussian"``, ``"paradigms"``
+            (J = (1-P)/Q, ParaDiGMS' update) or ``"none"`` (J = 0, DeqIR's map). The
+            fixed point, and so the answer, is the same for every choice.
+        tol: stop when every step has max|F(X)_i - X_i| / max(σ_i, floor) <= tol.
         max_iter: rounds at most (default S).
         window: steps evaluated per round (sliding window; default all S).
+        floor: the residual of a nearly noise-free state is measured against
+            max(σ_i, floor), so the last states need not be exact to the last bit.
+        freeze_ratio: leading steps are frozen (and leave the window) once every step
+            before them has a residual <= tol * freeze_ratio. 1 freezes at tol itself,
+            as ParaDiGMS does; that locks in errors the chain then amplifies
+            (bench/RESULTS.md), hence the default 0.01.
         init: the initial guess of the stacked states: ``"jump"`` (the default: every
             state set to the one-step DDIM jump from x_T to its noise level; one extra
             model call on B images, counted in ``nfe``; 11 rounds against 12 for
             ``"x_T"`` on DDIM-100, bench/RESULTS.md), ``"x_T"`` (every state set to the
             initial state, as DeqIR does), or a previous ``states`` tensor
             [S, *x_T.shape] to warm-start from.
-        history, lam, beta: Anderson history size, regularisation and damping.
+        history, anderson_reg, anderson_damping: Anderson history size,
+            regularisation and damping.
         callback: called after every round with a dict (iteration, window,
-            residuals, nfe).
+            residuals, nfe, state: the live stacked iterate in the chain's basis;
+            read it, do not modify it).
         grad: when ``x_T`` or the chain's ``y`` requires grad, ``res.x0`` is
             differentiable: ``"ift"`` solves the adjoint (upper-triangular) system in
             parallel rounds of one batched vector–Jacobian product (to ``grad_tol``,
@@ -154,12 +174,14 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             serial chain (the reference; S model calls with a graph). The model's
             parameters that require grad receive gradients too.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    check_solver(solver)
+    check_linearize(linearize)
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if not (isinstance(freeze_ratio, (int, float)) and 0 <= freeze_ratio <= 1):
+        raise ValueError(f"freeze_ratio must be a number in [0, 1], got {freeze_ratio!r}")
     if not (isinstance(floor, (int, float)) and floor > 0):
         raise ValueError(f"floor must be a number > 0, got {floor!r}")
     check_positive_int("max_iter", max_iter, allow_none=True)
@@ -182,10 +204,15 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
         else:
             check_tensor("init", init, shape=(S, *x_T.shape))
             X = chain.to_basis(init.detach().to(u0).flatten(0, 1)).view(S, *u0.shape).clone()
-        solve_kw = dict(solver=solver, history=history, lam=lam, beta=beta)
-        X, stats = fixed_point_solve(system, X, tol=float(tol), floor=float(floor),
-                                     max_iter=max_iter, window=window, callback=callback,
-                                     initial_nfe=extra_nfe, **solve_kw)
+        solve_kw = dict(solver=solver, history=history, anderson_reg=anderson_reg,
+                        anderson_damping=anderson_damping)
+        X, stats = fixed_point_solve(system, X, linearize=linearize, tol=float(tol),
+                                     floor=float(floor), freeze_ratio=float(freeze_ratio),
+                                     max_iter=max_iter, window=window,
+                                     callback=callback, initial_nfe=extra_nfe, **solve_kw)
+        lin = stats.linearization
+        solve_kw.update(linearize=linearize, window=window,
+                        forward_jacobian=lin.jacobian if lin.active else None)
         states = chain.from_basis(X.flatten(0, 1)).view_as(X)
     params = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
     handle = _Handle(system, X, states[-1], x_T, noise, params, dict(solve_kw, tol=grad_tol))
@@ -223,13 +250,16 @@ def _differentiable_x0(handle: _Handle, model, chain, grad, phantom_steps, phant
 
 def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
              tol: Optional[float] = None) -> dict:
-    """Gradients of a loss L(x0) from dL/dx0, without a stored autograd graph.
+    """Gradients of a loss L(x0) from dL/dx0, without an autograd graph over the chain.
 
-    Solves the adjoint system of ``result``'s chain (the same solver as the forward
-    solve; ``tol`` relative to max|grad_x0|, default the solve's ``grad_tol``) and returns
-    ``{"x_T": dL/dx_T, "y": dL/dy or None, "rounds": adjoint rounds}``. With
-    ``params=True`` the model's parameters that require grad get dL/dθ added to
-    their ``.grad``.
+    Solves the adjoint system of ``result``'s chain in parallel rounds (the same solver,
+    window and linearisation as the forward solve; ``tol`` relative to max|grad_x0|,
+    default the solve's ``grad_tol``). Each round rebuilds the model's graph for the
+    window's steps and frees it after one batched vector–Jacobian product, so memory is
+    bounded by the window. Returns ``{"x_T": dL/dx_T, "y": dL/dy or None, "rounds":
+    adjoint rounds, "nfe": model evaluations (each rebuilt forward and each VJP counts,
+    one per step and round)}``. With ``params=True`` the model's parameters that
+    require grad get dL/dθ added to their ``.grad``.
     """
     if not isinstance(result, SolveResult) or result.handle is None:
         raise TypeError("result must be the SolveResult of deqir_fast.solve")
@@ -248,4 +278,5 @@ def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
         for p, g in zip(h.params, out["params"]):
             if g is not None:
                 p.grad = g.detach().clone() if p.grad is None else p.grad + g
-    return {"x_T": out["x_T"], "y": out["y"], "rounds": out["stats"].iterations}
+    return {"x_T": out["x_T"], "y": out["y"], "rounds": out["stats"].iterations,
+            "nfe": out["stats"].nfe + out["model_calls"]}

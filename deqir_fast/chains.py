@@ -1,4 +1,4 @@
-"""Samplers as elementwise-affine chains (DESIGN.md §2).
+"""Samplers as elementwise-affine chains (docs/design.md §2).
 
 In a fixed orthonormal basis (pixels for DDIM, the operator's Vᵀ for DDRM and DDNM)
 every step of every supported sampler is
@@ -49,6 +49,7 @@ class Chain:
     last step). Subclasses give the basis and the step coefficients."""
 
     operator: Optional[Operator] = None
+    num_jacobian_classes = 1         # see ``jacobian_classes``
 
     def __init__(self, schedule: Schedule, timesteps, final_alpha: float = 1.0):
         if not isinstance(schedule, Schedule):
@@ -118,6 +119,14 @@ class Chain:
 
     def _k(self, a, an):
         raise NotImplementedError
+
+    def jacobian_classes(self, lo: int, hi: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Which coefficient class each spectral element of steps lo..hi-1 is in, as
+        small ints broadcastable to [hi-lo, 1, *like.shape[1:]], or None when every element
+        of a step is treated alike. The linearised scan fits one slope of ∂ē/∂u per
+        (step, batch item, class) (docs/design.md §3a): the chain updates the classes
+        differently, so their errors travel differently."""
+        return None
 
     def _ybar(self, like, y=None) -> torch.Tensor:
         raise NotImplementedError
@@ -198,6 +207,14 @@ class DDRM(_Restoration):
         after = (s > 0) & (s * sigma_next < self.sigma_y)    # less noisy than y
         return s, before, after
 
+    num_jacobian_classes = 3
+
+    def jacobian_classes(self, lo, hi, like):
+        """0: missing (s = 0), 1: less noisy than y, 2: noisier than y (by s·σ' vs σ_y)."""
+        an = self.alpha_next[lo:hi].to(like.device).view(-1, 1, 1, 1, 1)
+        _, before, after = self._cases(((1 - an) / an).sqrt())
+        return (after.to(torch.int8) + 2 * before.to(torch.int8))
+
     def _k(self, a, an):
         sn = ((1 - an) / an).sqrt()                         # σ' (VE)
         s, before, after = self._cases(sn)
@@ -250,13 +267,24 @@ class DDNM(_Restoration):
         super().__init__(schedule, timesteps, operator, y, sigma_y, final_alpha)
         self.eta = check_unit_interval("eta", eta)
 
-    def _k(self, a, an):
+    def _split(self, an):
+        """σ' (VP), 1/s, the noise std of sqrt(a') A⁺y, and where λ = 1 (Eq. 19)."""
         s = self._s(an.device)
-        sn = (1 - an).sqrt()                                 # σ' (VP)
+        sn = (1 - an).sqrt()
         inv_s = _safe_div(torch.ones_like(s), s)
-        y_noise = an.sqrt() * self.sigma_y * inv_s           # std of sqrt(a') A⁺y's noise
+        y_noise = an.sqrt() * self.sigma_y * inv_s
+        return s, sn, inv_s, y_noise, (s > 0) & (sn >= y_noise)
+
+    num_jacobian_classes = 3
+
+    def jacobian_classes(self, lo, hi, like):
+        """0: null space (s = 0), 1: range with λ = 1, 2: range with λ < 1 (DDNM+)."""
+        s, _, _, _, full = self._split(self.alpha_next[lo:hi].to(like.device).view(-1, 1, 1, 1, 1))
+        return full.to(torch.int8) + 2 * ((s > 0) & ~full).to(torch.int8)
+
+    def _k(self, a, an):
+        s, sn, inv_s, y_noise, full = self._split(an)
         # 1. λ, γ per element (Eq. 19); λ = 0 in the null space
-        full = (s > 0) & (sn >= y_noise)
         lam = torch.where(full, torch.ones_like(y_noise),
                           torch.where(s > 0, _safe_div(sn * s, an.sqrt() * self.sigma_y * torch.ones_like(s)),
                                       torch.zeros_like(y_noise)))

@@ -1,4 +1,4 @@
-"""Gradients through the solved chain (DESIGN.md §4).
+"""Gradients through the solved chain (docs/design.md §4).
 
 At the fixed point the states are the serial sampler's, u_{k+1} = P_k u_k + Q_k ē_k(u_k)
 + R_k, so the adjoint λ_k = dL/du_k obeys the backward recurrence
@@ -6,9 +6,13 @@ At the fixed point the states are the serial sampler's, u_{k+1} = P_k u_k + Q_k 
     λ_S = Vᵀ dL/dx0,    λ_k = P_k λ_{k+1} + J_kᵀ (Q_k λ_{k+1}),    J_k = ∂ē_k/∂u_k,
 
 an upper-triangular system. ``AdjointSystem`` writes it in the forward system's form
-(reversed step order, the carry is λ_S, the "model call" is ONE batched vector–Jacobian
-product over all steps through a graph built once), so the same solvers, windows and
-stopping rules solve it in parallel rounds; Picard is exact after S rounds. Then
+(reversed step order, the carry is λ_S, the "model term" is one batched vector–Jacobian
+product over the active window), so the same solvers, windows and stopping rules solve
+it in parallel rounds; Picard is exact after S rounds. Each round rebuilds the model's
+graph for the window's steps only and frees it after the VJP, so memory is bounded by
+the window, like the forward solve's; no graph over the whole chain is ever kept. The
+forward solve's final Jacobian guess D (diagonal) linearises the adjoint scan too: the
+transpose of a diagonal is itself, so adjoint step k uses P_k + D_k Q_k. Then
 
     dL/dR_k = λ_{k+1},  dL/du_0 = λ_0,  dL/dθ = Σ_k (∂ē_k/∂θ)ᵀ (Q_k λ_{k+1}),
 
@@ -25,24 +29,39 @@ from .solvers import fixed_point_solve
 from .system import ChainSystem
 
 
+class _FixedJacobian:
+    """A linearisation that does not learn: J for window [lo, hi) from a function."""
+
+    def __init__(self, jacobian):
+        self._jacobian = jacobian
+        self.active = jacobian is not None
+
+    def jacobian(self, lo, hi):
+        return self._jacobian(lo, hi) if self.active else None
+
+    def observe(self, lo, hi, U, E):
+        pass
+
+    def disable(self):
+        self.active = False
+
+
 class AdjointSystem:
     """λ as the states of an affine chain run backwards over the forward solution X."""
 
     def __init__(self, forward: ChainSystem, X: torch.Tensor, grad_uS: torch.Tensor,
-                 params: Sequence[torch.Tensor] = ()):
+                 params: Sequence[torch.Tensor] = (), forward_jacobian=None):
         self.forward = forward
         c = forward.coeffs
-        S = forward.num_steps
-        self.S = S
+        self.S = forward.num_steps
         # Reverse the step axis: adjoint step r is forward step S-1-r.
         self.P = c.P.flip(0)
         self.Q = c.Q.flip(0)
         self.carry0 = grad_uS
         self.params = list(params)
-        inputs = torch.cat([c.u0.unsqueeze(0), X[:-1]]).detach().requires_grad_(True)
-        with torch.enable_grad():
-            self.E = forward.eps_bar(inputs, 0)          # [S, B, ...], one graph kept
-        self.inputs = inputs
+        self.X = X.detach()
+        self.forward_jacobian = forward_jacobian     # (lo, hi) -> D of forward steps, or None
+        self.model_calls = 0                         # forward passes rebuilt for the VJPs
         self.scale_value = float(grad_uS.abs().max().clamp_min(torch.finfo(grad_uS.dtype).tiny))
 
     @property
@@ -52,57 +71,88 @@ class AdjointSystem:
     def residual_scale(self, floor: float) -> torch.Tensor:
         return torch.full((self.S,), 1.0 / self.scale_value, dtype=torch.float64)
 
-    def _vjp(self, cot: torch.Tensor, want_params: bool = False):
-        """J_kᵀ(cot_k) for every forward step k at once (cot in forward order)."""
-        targets = [self.inputs] + (self.params if want_params else [])
-        grads = torch.autograd.grad(self.E, targets, grad_outputs=cot, retain_graph=True,
-                                    allow_unused=True)
-        first = torch.zeros_like(self.inputs) if grads[0] is None else grads[0]
+    def _forward_inputs(self, k0: int, k1: int) -> torch.Tensor:
+        """The solved states entering forward steps k0..k1-1."""
+        u0 = self.forward.coeffs.u0.unsqueeze(0)
+        if k0 == 0:
+            return torch.cat([u0, self.X[:k1 - 1]]) if k1 > 1 else u0
+        return self.X[k0 - 1:k1 - 1]
+
+    def _vjp(self, k0: int, k1: int, cot: torch.Tensor, params=()):
+        """(∂ē/∂u)ᵀ cot for forward steps k0..k1-1 (cot in forward order), through a
+        graph built for these steps only and freed on return."""
+        inputs = self._forward_inputs(k0, k1).detach().requires_grad_(True)
+        with torch.enable_grad():
+            E = self.forward.eps_bar(inputs, k0)
+            grads = torch.autograd.grad(E, [inputs, *params], grad_outputs=cot, allow_unused=True)
+        self.model_calls += k1 - k0
+        first = torch.zeros_like(inputs) if grads[0] is None else grads[0]
         return first, grads[1:]
 
-    def evaluate(self, A: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Adjoint states lo..hi-1 rebuilt from A's inputs (the adjoint of the state after
-        each adjoint step): A_r = P'_r A_{r-1} + J'_rᵀ(Q'_r A_{r-1}), A_{-1} = λ_S."""
-        carry = self.carry0 if lo == 0 else A[lo - 1]
-        inp = torch.cat([carry.unsqueeze(0), A[lo:hi - 1]]) if hi - lo > 1 else carry.unsqueeze(0)
-        cot = torch.zeros_like(self.E)
-        # adjoint step r <-> forward step S-1-r: place the cotangents in forward order
-        cot[self.S - hi:self.S - lo] = (self.Q[lo:hi] * inp).flip(0)
-        vjp, _ = self._vjp(cot)
-        V = vjp[self.S - hi:self.S - lo].flip(0)
-        out = torch.empty_like(inp)
-        u = carry
-        for r in range(hi - lo):
-            u = self.P[lo + r] * u + V[r]
-            out[r] = u
-        return out
+    def inputs(self, A: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        carry = (self.carry0 if lo == 0 else A[lo - 1]).unsqueeze(0)
+        return torch.cat([carry, A[lo:hi - 1]]) if hi - lo > 1 else carry
+
+    def model_term(self, Ain: torch.Tensor, lo: int) -> torch.Tensor:
+        """J_kᵀ(Q_k A) for adjoint steps lo..lo+W-1 (forward steps S-lo-W .. S-lo-1)."""
+        hi = lo + Ain.shape[0]
+        cot = (self.Q[lo:hi] * Ain).flip(0)             # forward order
+        vjp, _ = self._vjp(self.S - hi, self.S - lo, cot)
+        return vjp.flip(0)
+
+    def scan(self, E: torch.Tensor, U: torch.Tensor, lo: int, hi: int,
+             J: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A_r = P'_r A_{r-1} + E_r + J_r (A_{r-1} - U_r) from the carry U[0]."""
+        from .ops import affine_scan
+        ones = torch.ones((hi - lo,) + (1,) * (U.dim() - 1), dtype=U.dtype, device=U.device)
+        return affine_scan(self.P[lo:hi], ones, E, None, U[0], J, None if J is None else U)
+
+    def linearization(self, kind: str):
+        if kind == "none" or self.forward_jacobian is None:
+            return _FixedJacobian(None)
+
+        def jacobian(lo, hi):
+            D = self.forward_jacobian(self.S - hi, self.S - lo)
+            return None if D is None else (D * self.forward.coeffs.Q[self.S - hi:self.S - lo]).flip(0)
+        return _FixedJacobian(jacobian)
 
     def lambdas(self, A: torch.Tensor) -> torch.Tensor:
         """[S+1, B, ...]: λ_0 .. λ_S in forward order from the solved adjoint states."""
         return torch.cat([A.flip(0), self.carry0.unsqueeze(0)])
 
-    def param_grads(self, lam: torch.Tensor) -> List[Optional[torch.Tensor]]:
+    def param_grads(self, lam: torch.Tensor, chunk: int) -> List[Optional[torch.Tensor]]:
+        """Σ_k (∂ē_k/∂θ)ᵀ(Q_k λ_{k+1}), ``chunk`` steps per rebuilt graph."""
         if not self.params:
             return []
-        cot = self.forward.coeffs.Q * lam[1:]
-        return list(self._vjp(cot, want_params=True)[1])
+        total: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        cot_all = self.forward.coeffs.Q * lam[1:]
+        for k0 in range(0, self.S, chunk):
+            k1 = min(k0 + chunk, self.S)
+            _, gs = self._vjp(k0, k1, cot_all[k0:k1], self.params)
+            total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, gs)]
+        return total
 
 
 def adjoint_gradients(system: ChainSystem, X: torch.Tensor, grad_x0: torch.Tensor, *,
                       x_T: torch.Tensor, noise: Optional[torch.Tensor], params=(),
                       y: Optional[torch.Tensor] = None,
-                      solver: str = "triangular_anderson", tol: float = 1e-6,
-                      max_iter: Optional[int] = None, **solver_kw) -> Dict[str, object]:
-    """dL/dx_T, dL/dy and dL/dθ for dL/dx0 = ``grad_x0`` at the solution X (basis)."""
+                      solver: str = "picard", linearize: str = "secant", tol: float = 1e-6,
+                      max_iter: Optional[int] = None, window: Optional[int] = None,
+                      forward_jacobian=None, **solver_kw) -> Dict[str, object]:
+    """dL/dx_T, dL/dy and dL/dθ for dL/dx0 = ``grad_x0`` at the solution X (basis).
+    ``window`` bounds the steps (and so the graph) of each round; ``forward_jacobian``
+    is the forward solve's final J as a function of (lo, hi), or None."""
     chain = system.chain
     grad_uS = chain.to_basis(grad_x0.to(X.dtype))
-    adj = AdjointSystem(system, X, grad_uS, params)
+    adj = AdjointSystem(system, X, grad_uS, params, forward_jacobian)
     A0 = grad_uS.unsqueeze(0).repeat(system.num_steps, *([1] * grad_uS.dim()))
-    A, stats = fixed_point_solve(adj, A0, solver=solver, tol=tol, floor=1.0, max_iter=max_iter,
-                                 **solver_kw)
+    A, stats = fixed_point_solve(adj, A0, solver=solver, linearize=linearize, tol=tol,
+                                 floor=1.0, max_iter=max_iter, window=window, **solver_kw)
     lam = adj.lambdas(A)
     out: Dict[str, object] = {"stats": stats, "lambda": lam}
-    out["params"] = adj.param_grads(lam)
+    out["params"] = adj.param_grads(lam, window or system.num_steps)
+    # Honest cost: every VJP needed a forward pass of the model on the same batch.
+    out["model_calls"] = adj.model_calls
     # x_T and y enter through u_0 and R only: autograd through their construction.
     y = chain_y(chain) if y is None else y
     leaves = [t for t in (x_T, y) if t is not None and t.requires_grad]

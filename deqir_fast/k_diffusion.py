@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from ._checks import check_tensor, state_dtype
-from .api import DEFAULT_TOL, solve
+from .api import DEFAULT_SOLVER, DEFAULT_TOL, solve
 from .chains import DDIM
 from .schedules import Schedule
 
@@ -102,7 +102,7 @@ class DenoiserAsEps:
 def sample_deq(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
                callback: Optional[Callable[[dict], None]] = None, disable=None,
                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-               s_noise: float = 1.0, *, solver: str = "triangular_anderson",
+               s_noise: float = 1.0, *, solver: str = DEFAULT_SOLVER,
                tol: float = DEFAULT_TOL, max_iter: Optional[int] = None,
                window: Optional[int] = None, init="jump", return_result: bool = False,
                **solve_kwargs):

@@ -1,8 +1,10 @@
-"""The whole sampling chain as one fixed-point system X = F(X) (DESIGN.md §2).
+"""The whole sampling chain as one fixed-point system X = F(X) (docs/design.md §2.7).
 
-X stacks the states after each step, [S, B, C, H, W], in the chain's basis. F runs the
-denoiser on every step's input in one batched call, then rebuilds the states with the
-affine scan. F is triangular: output i depends only on states before i.
+X stacks the states after each step, [S, B, C, H, W], in the chain's basis. A round
+takes the inputs U of a window of steps (the carry and the states before each step),
+runs the denoiser on all of them in one batched call (``model_term``), then rebuilds the
+states with the (linearised) affine scan (``scan``). F is triangular: output i depends
+only on states before i.
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from typing import Callable, Optional
 
 import torch
 
+from ._checks import raise_nonfinite
 from .chains import Chain, StepCoefficients
+from .linearize import Linearization
 from .ops import affine_scan, affine_step
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,10 +38,6 @@ def call_model(model: Model, x: torch.Tensor, t: torch.Tensor, first_step: int,
         if not bool(finite.all()):
             raise_nonfinite(int((~finite).nonzero()[0, 0]) // batch + first_step)
     return e.to(x.dtype)
-
-
-def raise_nonfinite(step: int):
-    raise ValueError(f"model output contains NaN or Inf at step {step}")
 
 
 class ChainSystem:
@@ -70,14 +70,31 @@ class ChainSystem:
         e = call_model(self.model, x, t, lo, B, check_finite)
         return self.chain.to_basis(e).view_as(U)
 
-    def evaluate(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """F(X)[lo:hi]: the states after steps lo..hi-1 rebuilt from X's inputs."""
-        carry = self.carry(X, lo)
-        inputs = torch.cat([carry.unsqueeze(0), X[lo:hi - 1]]) if hi - lo > 1 else carry.unsqueeze(0)
-        E = self.eps_bar(inputs, lo, check_finite=False)
+    def inputs(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """U [hi-lo, B, ...]: the state entering each of steps lo..hi-1."""
+        carry = self.carry(X, lo).unsqueeze(0)
+        return torch.cat([carry, X[lo:hi - 1]]) if hi - lo > 1 else carry
+
+    def model_term(self, U: torch.Tensor, lo: int) -> torch.Tensor:
+        """ē(U): the one batched model call of a round (finiteness is checked by the
+        solver through the residuals it reads back anyway)."""
+        return self.eps_bar(U, lo, check_finite=False)
+
+    def scan(self, E: torch.Tensor, U: torch.Tensor, lo: int, hi: int,
+             J: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The states after steps lo..hi-1 from the carry U[0], with ē lagged at U and
+        (with J) linearised around it."""
         c = self.coeffs
         R = None if c.R is None else c.R[lo:hi]
-        return affine_scan(c.P[lo:hi], c.Q[lo:hi], E, R, carry)
+        return affine_scan(c.P[lo:hi], c.Q[lo:hi], E, R, U[0], J, None if J is None else U)
+
+    def evaluate(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """F(X)[lo:hi] with ē lagged whole (J = 0): the plain fixed-point map."""
+        U = self.inputs(X, lo, hi)
+        return self.scan(self.model_term(U, lo), U, lo, hi)
+
+    def linearization(self, kind: str) -> Linearization:
+        return Linearization(self.chain, self.coeffs, kind)
 
     def jump_init(self) -> torch.Tensor:
         """Every state set to the one-step DDIM jump from the initial state to its noise

@@ -41,3 +41,26 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         logits = -(diff ** 2).flatten(2).sum(-1) / (2 * v.view(-1, 1))
         w = torch.softmax(logits, dim=1).view(*logits.shape, 1, 1, 1)
         return (1 - a).sqrt() * (w * diff).sum(1) / v
+
+
+def readme_problem(kind: str, seed: int):
+    """The README's example (GMM prior, 3x32x32, DDRM-100 inpainting) with its random
+    draws from ``torch.manual_seed(seed)``, and its DDNM and DDIM (eta 0.5) variants
+    (``kind`` "DDRM", "DDNM" or "DDIM"): (model, chain, x_T). The stopping rule's
+    calibration sweep and its CI subset run these."""
+    from . import operators as ops
+    from .chains import DDIM, DDNM, DDRM
+    from .schedules import timesteps
+    torch.manual_seed(seed)
+    sched = Schedule.linear(1000, beta_start=1e-4, beta_end=0.02)
+    ts = timesteps(sched, 100)
+    model = GaussianMixtureDenoiser(sched, (3, 32, 32), dtype=torch.float32)
+    op = ops.Inpainting((torch.rand(32, 32) > 0.5).float())
+    y = op.A(torch.rand(1, 3, 32, 32) * 2 - 1)
+    if kind == "DDRM":
+        chain = DDRM(sched, ts, operator=op, y=y, sigma_y=0.0, eta=0.85, eta_b=1.0)
+    elif kind == "DDNM":
+        chain = DDNM(sched, ts, operator=op, y=y, sigma_y=0.0, eta=0.85)
+    else:
+        chain = DDIM(sched, ts, eta=0.5)
+    return model, chain, torch.randn(1, 3, 32, 32)

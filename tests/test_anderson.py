@@ -42,7 +42,7 @@ def test_anderson_mix_matches_least_squares(dtype, prefix, m, W, B):
     valid = torch.ones(m, W, dtype=torch.bool)
     if m > 2:
         valid[0, W - 2:] = False          # the oldest entry had not seen the last steps
-    ours = anderson_mix(X, G, valid, lam=0.0, beta=0.7, prefix=prefix)
+    ours = anderson_mix(X, G, valid, reg=0.0, damping=0.7, prefix=prefix)
     ref = naive(X, G, valid, 0.7, prefix)
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     assert torch.allclose(ours, ref, rtol=tol, atol=tol)
@@ -51,6 +51,6 @@ def test_anderson_mix_matches_least_squares(dtype, prefix, m, W, B):
 def test_singular_history_falls_back_to_picard():
     X = [torch.randn(2, 1, 4) for _ in range(3)]
     G = [torch.zeros(2, 1, 4) for _ in range(3)]     # all-zero residuals: H = 0
-    out = anderson_mix(X, G, torch.ones(3, 2, dtype=torch.bool), lam=0.0)
+    out = anderson_mix(X, G, torch.ones(3, 2, dtype=torch.bool), reg=0.0)
     assert torch.isfinite(out).all()
     assert torch.equal(out, X[-1])

@@ -26,7 +26,12 @@ def test_backend_dispatch(monkeypatch):
     monkeypatch.delenv("DEQIR_FAST_BACKEND", raising=False)
     assert scan_backend(x) == "reference"          # CPU tensors: the reference
     monkeypatch.setenv("DEQIR_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA tensors or TRITON_INTERPRET=1"):
+        scan_backend(x)                             # CPU without the interpreter: no kernel
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert scan_backend(x) == "triton"
     monkeypatch.setenv("DEQIR_FAST_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="DEQIR_FAST_BACKEND"):
         scan_backend(x)
+

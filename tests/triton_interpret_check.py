@@ -18,31 +18,40 @@ def rand(*shape):
     return torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
-# S, B and odd image shapes; coefficients per step only, per element, per (batch, element)
-for (S, B, shape), coef, has_r, block in itertools.product(
-        [(1, 1, (1, 3, 5)), (7, 3, (3, 5, 7)), (20, 2, (3, 8, 12))],
-        ["step", "element"], [False, True], [64, 1024]):
+# S, B and odd image shapes; P/Q per step only or per element; R absent, shared across
+# the batch (stride 0: a kernel reading R at the batch stride fails here) or per item;
+# J absent, per (step, item) or per element (the linearised scan).
+cases = itertools.product(
+    [(1, 1, (1, 3, 5)), (7, 3, (3, 5, 7)), (20, 2, (3, 8, 12))],
+    ["step", "element"], [None, "shared", "item"], [None, "step-item", "element"])
+for k, ((S, B, shape), coef, r_kind, j_kind) in enumerate(cases):
+    block = (64, 1024)[k % 2]
     pshape = (S, 1, 1, 1, 1) if coef == "step" else (S, 1, *shape)
     P64, Q64, E64, u064 = rand(*pshape).abs(), rand(*pshape), rand(S, B, *shape), rand(B, *shape)
-    R64 = rand(S, B, *shape) if has_r else None
-    ref64 = affine_scan_reference(P64, Q64, E64, R64, u064)
+    R64 = None if r_kind is None else rand(S, 1 if r_kind == "shared" else B, *shape)
+    J64 = None if j_kind is None else rand(*((S, B, 1, 1, 1) if j_kind == "step-item" else (S, 1, *shape)))
+    U64 = None if j_kind is None else rand(S, B, *shape)
+    if U64 is not None:
+        U64[0] = u064
+    ref64 = affine_scan_reference(P64, Q64, E64, R64, u064, J64, U64)
     for dtype in (torch.float32, torch.float64):
-        cast = [None if t is None else t.to(dtype) for t in (P64, Q64, E64, R64, u064)]
+        cast = [None if t is None else t.to(dtype) for t in (P64, Q64, E64, R64, u064, J64, U64)]
         ref = affine_scan_reference(*cast)
         out = affine_scan_triton(*cast, block=block)
         # flash-attention's criterion: within 2x the reference's own error in this dtype
         err = (out.double() - ref64).abs().max().item()
         ref_err = (ref.double() - ref64).abs().max().item()
         atol = 1e-12 if dtype == torch.float64 else 1e-6
-        case = (S, B, shape, coef, has_r, block, dtype)
+        case = (S, B, shape, coef, r_kind, j_kind, block, dtype)
         if out.dtype != dtype or out.shape != E64.shape:
             failures.append(f"{case}: wrong dtype/shape {out.dtype} {tuple(out.shape)}")
-        if not err <= 2 * ref_err + atol:
+        if not err <= 2 * ref_err + atol * max(1.0, ref64.abs().max().item()):
             failures.append(f"{case}: error {err:.2e} > 2 x {ref_err:.2e} + {atol}")
 
 # bad input is refused with a clear error
 for bad, exc in [(lambda: affine_scan_triton(rand(3, 1, 2), rand(3, 1, 2), rand(3, 2, 2), None, rand(3, 2)), ValueError),
-                 (lambda: affine_scan_triton(rand(3, 1, 2).float(), rand(3, 1, 2), rand(3, 2, 2), None, rand(2, 2)), TypeError)]:
+                 (lambda: affine_scan_triton(rand(3, 1, 2).float(), rand(3, 1, 2), rand(3, 2, 2), None, rand(2, 2)), TypeError),
+                 (lambda: affine_scan_triton(rand(3, 1, 2), rand(3, 1, 2), rand(3, 2, 2), None, rand(2, 2), rand(3, 1, 2)), ValueError)]:
     try:
         bad()
         failures.append(f"no {exc.__name__} raised")
@@ -65,6 +74,19 @@ serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_
 res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(1), tol=1e-12)
 if not (res.x0 - serial).abs().max().item() <= 1e-10:
     failures.append("solve on the triton backend differs from the serial sampler")
+
+# the kernel has no backward: autograd (a phantom gradient) goes through the reference
+x = x_T.clone().requires_grad_(True)
+res = dq.solve(model, chain, x, generator=torch.Generator().manual_seed(1), grad="phantom")
+if not res.x0.requires_grad:
+    failures.append("phantom gradient on the triton backend has no graph")
+else:
+    res.x0.sum().backward()
+    os.environ["DEQIR_FAST_BACKEND"] = "reference"
+    x_ref = x_T.clone().requires_grad_(True)
+    dq.solve(model, chain, x_ref, generator=torch.Generator().manual_seed(1), grad="phantom").x0.sum().backward()
+    if not torch.allclose(x.grad, x_ref.grad, rtol=1e-9, atol=1e-12):
+        failures.append("phantom gradient on the triton backend differs from the reference's")
 
 print("\n".join(failures) or "ok")
 sys.exit(1 if failures else 0)

@@ -3,7 +3,7 @@
 For history entries j = 1..m with iterates X_j and residuals G_j = F(X_j) - X_j, the
 weights α minimise ||Σ_j α_j G_j||² subject to Σ_j α_j = 1 (Walker & Ni 2011):
 α = H⁻¹1 / 1ᵀH⁻¹1 with H the regularised Gram matrix, and the new iterate is
-Σ_j α_j (X_j + β G_j). With ``prefix=True`` the Gram matrix of step s sums those of
+Σ_j α_j (X_j + d G_j) (d the damping). With ``prefix=True`` the Gram matrix of step s sums those of
 steps lo..s (the triangular variant: a step's weights also see the residuals of the
 steps that feed it).
 """
@@ -15,7 +15,7 @@ import torch
 
 
 def anderson_mix(X_hist: Sequence[torch.Tensor], G_hist: Sequence[torch.Tensor],
-                 valid: torch.Tensor, *, lam: float = 1e-4, beta: float = 1.0,
+                 valid: torch.Tensor, *, reg: float = 1e-4, damping: float = 1.0,
                  prefix: bool = False) -> torch.Tensor:
     """Mix the history (oldest first; the last entry is the newest).
 
@@ -27,7 +27,7 @@ def anderson_mix(X_hist: Sequence[torch.Tensor], G_hist: Sequence[torch.Tensor],
     m = len(G_hist)
     G = torch.stack([g.flatten(2) for g in G_hist])              # [m, W, B, n]
     if m == 1:
-        return X_hist[0] + beta * G_hist[0]
+        return X_hist[0] + damping * G_hist[0]
     G64 = G.to(torch.float64)
     H = torch.einsum("jwbn,kwbn->wbjk", G64, G64)              # [W, B, m, m]
     if prefix:
@@ -38,7 +38,7 @@ def anderson_mix(X_hist: Sequence[torch.Tensor], G_hist: Sequence[torch.Tensor],
     scale = diag.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     # Regularise relative to the largest residual norm, and pin excluded entries
     # with a huge diagonal so their weights vanish.
-    H = H + torch.diag_embed(lam * scale + (1.0 - v) * 1e12 * scale)
+    H = H + torch.diag_embed(reg * scale + (1.0 - v) * 1e12 * scale)
     ones = torch.ones(H.shape[:-1] + (1,), dtype=H.dtype, device=H.device)
     sol, info = torch.linalg.solve_ex(H, ones)
     alpha = sol.squeeze(-1)
@@ -48,5 +48,5 @@ def anderson_mix(X_hist: Sequence[torch.Tensor], G_hist: Sequence[torch.Tensor],
     newest[..., -1] = 1.0
     alpha = torch.where(ok, alpha, newest).to(G.dtype)         # [W, B, m]
     Xs = torch.stack([x.flatten(2) for x in X_hist])           # [m, W, B, n]
-    mixed = torch.einsum("wbj,jwbn->wbn", alpha, Xs + beta * G)
+    mixed = torch.einsum("wbj,jwbn->wbn", alpha, Xs + damping * G)
     return mixed.view_as(X_hist[-1])

@@ -1,4 +1,12 @@
-"""The chain's affine update u' = P u + Q ē + R and its scan over the step axis.
+"""The chain's affine update u' = P u + Q ē + R and its scan over the step axis, in its
+linearised form (docs/design.md §3a):
+
+    u_{i+1} = P_i u_i + Q_i (E_i + J_i (u_i - U_i)) + R_i,
+
+where E_i = ē(U_i) was evaluated at the previous iterate's input U_i of step i and J_i is
+a diagonal guess of ∂ē/∂u. J = None is the plain scan (ē lagged whole). At a fixed point
+u_i = U_i, so the correction vanishes and every J has the serial sampler's fixed point;
+at the first step u_0 = U_0 (the carry), so its correction is exactly 0.
 
 ``affine_scan`` dispatches on ``DEQIR_FAST_BACKEND``: ``reference`` (this file's pure
 PyTorch) or ``triton`` (``triton_scan.py``; on CPU it needs ``TRITON_INTERPRET=1`` set
@@ -31,31 +39,46 @@ def scan_backend(E: torch.Tensor) -> str:
     if forced not in BACKENDS:
         raise ValueError(f"DEQIR_FAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
     if forced == "triton" and E.numel() < 2 ** 31:
+        if E.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("DEQIR_FAST_BACKEND=triton needs CUDA tensors or TRITON_INTERPRET=1 "
+                             f"(set before triton is imported); the state is on {E.device}")
         return "triton"
     return "reference"
 
 
 def affine_scan(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, R: Optional[torch.Tensor],
-                u0: torch.Tensor) -> torch.Tensor:
-    """All states of the recurrence u_{i+1} = P_i u_i + Q_i E_i + R_i from u_0 = ``u0``,
-    on the fastest available backend (see ``scan_backend``)."""
-    if scan_backend(E) == "triton":
+                u0: torch.Tensor, J: Optional[torch.Tensor] = None,
+                U: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """All states of the (linearised) recurrence from u_0 = ``u0``, on the fastest
+    available backend (see ``scan_backend``); arguments as ``affine_scan_reference``.
+    The kernels have no backward: when autograd needs the result's graph (phantom
+    gradients, an adjoint through the scan), the reference computes it."""
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (P, Q, E, R, u0, J, U))
+    if not needs_graph and scan_backend(E) == "triton":
         from .triton_scan import affine_scan_triton
-        return affine_scan_triton(P, Q, E, R, u0)
-    return affine_scan_reference(P, Q, E, R, u0)
+        return affine_scan_triton(P, Q, E, R, u0, J, U)
+    return affine_scan_reference(P, Q, E, R, u0, J, U)
 
 
 def affine_scan_reference(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
-                          R: Optional[torch.Tensor], u0: torch.Tensor) -> torch.Tensor:
-    """All states of the recurrence u_{i+1} = P_i u_i + Q_i E_i + R_i from u_0 = ``u0``.
+                          R: Optional[torch.Tensor], u0: torch.Tensor,
+                          J: Optional[torch.Tensor] = None,
+                          U: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """All states of u_{i+1} = P_i u_i + Q_i (E_i + J_i (u_i - U_i)) + R_i from u_0 = ``u0``.
 
-    P, Q: [S, 1 or B, ...]; E: [S, B, ...]; R: [S, 1 or B, ...] or None; u0: [B, ...].
-    Returns [S, B, ...]: state i is the output of step i.
+    P, Q: [S, 1 or B, ...]; E: [S, B, ...]; R: [S, 1 or B, ...] or None; u0: [B, ...];
+    J: [S, 1 or B, ...] (any broadcastable shape) or None; U: [S, B, ...], the inputs E
+    was evaluated at (needed with J; U[0] is u0's value). Returns [S, B, ...]: state i
+    is the output of step i.
     """
+    if (J is None) != (U is None):
+        raise ValueError("J and U are given together or not at all")
     out = torch.empty_like(E)
     u = u0
     for i in range(E.shape[0]):
-        u = affine_step(P[i], Q[i], E[i], None if R is None else R[i], u)
+        e = E[i] if J is None else E[i] + J[i] * (u - U[i])
+        u = affine_step(P[i], Q[i], e, None if R is None else R[i], u)
         out[i] = u
     return out
 

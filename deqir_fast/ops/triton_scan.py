@@ -15,9 +15,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _affine_scan_kernel(P, Q, E, R, U0, OUT, S, N, n_per_item,
-                        p_s, p_b, p_n, q_s, q_b, q_n, r_s, r_b, r_n,
-                        HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+def _affine_scan_kernel(P, Q, E, R, J, U, U0, OUT, S, N, n_per_item,
+                        p_s, p_b, p_n, q_s, q_b, q_n, r_s, r_b, r_n, j_s, j_b, j_n,
+                        HAS_R: tl.constexpr, HAS_J: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)        # flat (batch, element) index
     mask = offs < N
@@ -28,6 +28,9 @@ def _affine_scan_kernel(P, Q, E, R, U0, OUT, S, N, n_per_item,
         p = tl.load(P + i * p_s + b * p_b + k * p_n, mask=mask, other=0.0)
         q = tl.load(Q + i * q_s + b * q_b + k * q_n, mask=mask, other=0.0)
         e = tl.load(E + i * N + offs, mask=mask, other=0.0)
+        if HAS_J:   # the linearised scan: e + J (u - U), U the input e was evaluated at
+            j = tl.load(J + i * j_s + b * j_b + k * j_n, mask=mask, other=0.0)
+            e = e + j * (u - tl.load(U + i * N + offs, mask=mask, other=0.0))
         u = p * u + q * e
         if HAS_R:
             u += tl.load(R + i * r_s + b * r_b + k * r_n, mask=mask, other=0.0)
@@ -42,28 +45,37 @@ def _as_sbn(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def affine_scan_triton(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
-                       R: Optional[torch.Tensor], u0: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Same contract as ``scan.affine_scan``: P, Q [S, 1 or B, ...], E [S, B, ...],
-    R [S, 1 or B, ...] or None, u0 [B, ...] -> [S, B, ...]."""
+                       R: Optional[torch.Tensor], u0: torch.Tensor,
+                       J: Optional[torch.Tensor] = None, U: Optional[torch.Tensor] = None,
+                       block: int = 1024) -> torch.Tensor:
+    """Same contract as ``scan.affine_scan_reference``: P, Q, J [S, 1 or B, ...],
+    E, U [S, B, ...], R [S, 1 or B, ...] or None, u0 [B, ...] -> [S, B, ...]."""
     if E.dim() < 3:
         raise ValueError(f"E must be [S, B, ...], got shape {tuple(E.shape)}")
     S, B = E.shape[:2]
     if tuple(u0.shape) != tuple(E.shape[1:]):
         raise ValueError(f"u0 must have shape {tuple(E.shape[1:])}, got {tuple(u0.shape)}")
-    tensors = {"P": P, "Q": Q, "E": E, "u0": u0} | ({} if R is None else {"R": R})
+    if (J is None) != (U is None):
+        raise ValueError("J and U are given together or not at all")
+    if U is not None and tuple(U.shape) != tuple(E.shape):
+        raise ValueError(f"U must have E's shape {tuple(E.shape)}, got {tuple(U.shape)}")
+    tensors = {"P": P, "Q": Q, "E": E, "u0": u0} | ({} if R is None else {"R": R}) \
+        | ({} if J is None else {"J": J, "U": U})
     for name, t in tensors.items():
         if t.dtype != E.dtype or t.device != E.device:
             raise TypeError(f"{name} must be {E.dtype} on {E.device}, got {t.dtype} on {t.device}")
-        if t is not E and t is not u0 and (t.shape[0] != S or t.dim() != E.dim()):
+        if name in ("P", "Q", "R", "J") and (t.shape[0] != S or t.dim() != E.dim()):
             raise ValueError(f"{name} must be [S={S}, 1 or B, ...] like E, got {tuple(t.shape)}")
     n = E[0, 0].numel()
     N = B * n
     Pv, Qv = _as_sbn(P, E), _as_sbn(Q, E)
     Ev = E.reshape(S, N).contiguous()
     Rv = _as_sbn(R, E) if R is not None else Pv       # unused when HAS_R is False
+    Jv = _as_sbn(J, E) if J is not None else Pv       # unused when HAS_J is False
+    Uv = U.reshape(S, N).contiguous() if U is not None else Ev
     out = torch.empty_like(Ev)
     grid = (triton.cdiv(N, block),)
-    _affine_scan_kernel[grid](Pv, Qv, Ev, Rv, u0.reshape(N).contiguous(), out, S, N, n,
-                              *Pv.stride(), *Qv.stride(), *Rv.stride(),
-                              HAS_R=R is not None, BLOCK=block)
+    _affine_scan_kernel[grid](Pv, Qv, Ev, Rv, Jv, Uv, u0.reshape(N).contiguous(), out, S, N, n,
+                              *Pv.stride(), *Qv.stride(), *Rv.stride(), *Jv.stride(),
+                              HAS_R=R is not None, HAS_J=J is not None, BLOCK=block)
     return out.view_as(E)

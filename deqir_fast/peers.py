@@ -1,0 +1,33 @@
+"""Published parallel samplers as configurations of ``solve``, for side-by-side runs in one
+process (bench/peers.py, ``deqir-fast bench``). Each entry is the keyword arguments that
+make our solver run the peer's algorithm; the model, chain and noise stay the same.
+
+- ParaDiGMS (Shih et al., NeurIPS 2023; diffusers' Paradigms pipeline): Picard on the
+  sums of drifts, which is the linearised scan with J = (1 - P)/Q; a sliding window;
+  steps leave the window as soon as their error meets the tolerance
+  (``freeze_ratio=1``). diffusers ships ``tolerance=0.1`` and ``parallel=10``. Their
+  error is an RMS over the image in noise units, ours a max, so the same number is
+  stricter here.
+- DeqIR / DEQ-DDIM (Cao et al., CVPR 2024; Pokle et al., NeurIPS 2022): Anderson
+  acceleration per step on the plain map (J = 0), every state initialised to x_T, a
+  budget of 15 rounds.
+- ParaTAA (Tang et al., ICML 2024): triangular Anderson on the plain map.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+PEERS: Dict[str, dict] = {
+    "deqir_fast": {},
+    "ParaDiGMS": dict(solver="picard", linearize="paradigms", freeze_ratio=1.0, tol=0.1),
+    "DeqIR": dict(solver="anderson", linearize="none", init="x_T", max_iter=15),
+    "ParaTAA": dict(solver="triangular_anderson", linearize="none"),
+}
+
+
+def peer(name: str, **overrides) -> dict:
+    """The ``solve`` keyword arguments of peer ``name``, with ``overrides`` applied (e.g.
+    a tuned ``tol`` or a ``window``)."""
+    if name not in PEERS:
+        raise ValueError(f"peer must be one of {tuple(PEERS)}, got {name!r}")
+    return {**PEERS[name], **overrides}
