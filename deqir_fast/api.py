@@ -125,6 +125,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
           anderson_reg: float = 1e-4, anderson_damping: float = 1.0,
           callback: Optional[Callable[[dict], None]] = None, grad: str = "ift",
           grad_tol: float = DEFAULT_GRAD_TOL, phantom_steps: int = 5, phantom_damping: float = 0.5,
+          check_every: int = 1, cuda_graph: bool = False,
           ) -> SolveResult:
     """Solve the whole sampling chain as one fixed-point system, in parallel.
 
@@ -173,6 +174,14 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             (τ = ``phantom_damping``; cheap, approximate); ``"unrolled"`` through the
             serial chain (the reference; S model calls with a graph). The model's
             parameters that require grad receive gradients too.
+        check_every: read the residuals back (the solver's one host synchronisation)
+            once every k rounds; between reads the window and the freeze rule stay on
+            the device. 1 (the default) reads every round. k > 1 re-evaluates frozen
+            steps until the next read (counted in ``nfe``); S rounds still reach the
+            serial answer.
+        cuda_graph: on CUDA with ``check_every`` > 1 and the Picard solver, replay the
+            rounds between two reads from a captured CUDA graph (falls back to eager
+            rounds when the model cannot be captured; ``res.stats.graph_rounds``).
     """
     check_solver(solver)
     check_linearize(linearize)
@@ -187,6 +196,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
     check_positive_int("max_iter", max_iter, allow_none=True)
     check_positive_int("window", window, allow_none=True)
     check_positive_int("history", history)
+    check_positive_int("check_every", check_every)
     start = time.perf_counter()
     system, noise = _prepare(model, chain, x_T, noise, generator)
     u0 = system.coeffs.u0
@@ -209,7 +219,9 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
         X, stats = fixed_point_solve(system, X, linearize=linearize, tol=float(tol),
                                      floor=float(floor), freeze_ratio=float(freeze_ratio),
                                      max_iter=max_iter, window=window,
-                                     callback=callback, initial_nfe=extra_nfe, **solve_kw)
+                                     callback=callback, initial_nfe=extra_nfe,
+                                     check_every=check_every, cuda_graph=bool(cuda_graph),
+                                     **solve_kw)
         lin = stats.linearization
         solve_kw.update(linearize=linearize, window=window,
                         forward_jacobian=lin.jacobian if lin.active else None)

@@ -16,26 +16,65 @@ converged parallel solve does the serial sampler's arithmetic.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ._checks import check_nonnegative, check_tensor, check_unit_interval
 from .operators import Operator
+from .ops.fused_round import KernelSpec
 from .schedules import Schedule, check_timesteps
 
 
-@dataclass
 class StepCoefficients:
     """The per-step affine maps of one prepared chain, in the chain's basis.
 
     ``P``, ``Q``: [S, 1, *spectral] (broadcast over the batch); ``R``: [S, B, ...] or
-    None when it is zero; ``u0``: the state entering step 0, [B, C, H, W]."""
-    P: torch.Tensor
-    Q: torch.Tensor
-    R: Optional[torch.Tensor]
-    u0: torch.Tensor
+    None when it is zero; ``u0``: the state entering step 0, [B, C, H, W].
+
+    ``Chain.coefficients`` builds P, Q and R on first access only (in float64, cast to
+    the state dtype, under the grad mode of the call that made them): the fused round
+    (``ops/fused_round.py``) computes them per element in-kernel for DDIM, DDRM and
+    DDNM and never touches them, so a solve does not hold [S, 1, C, H, W] tensors.
+    ``noise`` and ``ybar`` (ȳ = Uᵀy laid out like Vᵀx, or None) are what R is made of."""
+
+    def __init__(self, P=None, Q=None, R=None, u0=None, *, build=None, noise=None, ybar=None):
+        self._P, self._Q, self._R = P, Q, R
+        self._build = build
+        self.u0 = u0
+        self.noise = noise
+        self._ybar = ybar
+
+    def _materialize(self):
+        if self._build is not None:
+            self._P, self._Q, self._R = self._build()
+            self._build = None
+
+    @property
+    def materialized(self) -> bool:
+        """Whether P, Q and R exist as tensors (they are built on first access)."""
+        return self._build is None
+
+    @property
+    def P(self) -> torch.Tensor:
+        self._materialize()
+        return self._P
+
+    @property
+    def Q(self) -> torch.Tensor:
+        self._materialize()
+        return self._Q
+
+    @property
+    def R(self) -> Optional[torch.Tensor]:
+        self._materialize()
+        return self._R
+
+    @property
+    def ybar(self) -> Optional[torch.Tensor]:
+        if callable(self._ybar):
+            self._ybar = self._ybar()
+        return self._ybar
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -100,22 +139,40 @@ class Chain:
         values to differentiate with respect to it)."""
         like = x_T
         S = self.num_steps
-        # Coefficients in float64 on the state's device, cast once at the end.
-        a = self.alpha.to(like.device).view(S, 1, 1, 1, 1)
-        an = self.alpha_next.to(like.device).view(S, 1, 1, 1, 1)
-        k0, kE, kY, kZ = self._k(a, an)
-        P = k0 / a.sqrt()
-        Q = kE - k0 * (1.0 - a).sqrt() / a.sqrt()
-        R = None
-        if kY is not None:
-            ybar = self._ybar(like, y).to(torch.float64).unsqueeze(0)
-            R = kY * ybar
-        if kZ is not None and noise is not None and bool((kZ != 0).any()):
-            Rz = kZ.to(like) * noise
-            R = Rz if R is None else R.to(like) + Rz
-        if R is not None:
-            R = R.to(like)
-        return StepCoefficients(P.to(like), Q.to(like), R, self._initial_state(x_T, y))
+        grad = torch.is_grad_enabled()
+
+        def build():
+            with torch.set_grad_enabled(grad):
+                # Coefficients in float64 on the state's device, cast once at the end.
+                a = self.alpha.to(like.device).view(S, 1, 1, 1, 1)
+                an = self.alpha_next.to(like.device).view(S, 1, 1, 1, 1)
+                k0, kE, kY, kZ = self._k(a, an)
+                P = k0 / a.sqrt()
+                Q = kE - k0 * (1.0 - a).sqrt() / a.sqrt()
+                R = None
+                if kY is not None:
+                    ybar = self._ybar(like, y).to(torch.float64).unsqueeze(0)
+                    R = kY * ybar
+                if kZ is not None and noise is not None and bool((kZ != 0).any()):
+                    Rz = kZ.to(like) * noise
+                    R = Rz if R is None else R.to(like) + Rz
+                if R is not None:
+                    R = R.to(like)
+                return P.to(like), Q.to(like), R
+
+        def ybar():
+            with torch.set_grad_enabled(grad):
+                return self._ybar(like, y)
+
+        return StepCoefficients(u0=self._initial_state(x_T, y), build=build, noise=noise,
+                                ybar=ybar if self.operator is not None else None)
+
+    def kernel_spec(self):
+        """What the fused round (``ops/fused_round.py``) needs to compute this chain's
+        coefficients in-kernel, or None: then the solver reads the materialised
+        ``coefficients()``. Only DDIM, DDRM and DDNM themselves have one; a subclass
+        (e.g. ``diffusers_compat``'s float32 DDIM and DDPM) may step differently."""
+        return None
 
     def _k(self, a, an):
         raise NotImplementedError
@@ -157,6 +214,12 @@ class DDIM(Chain):
         ``set_timesteps(num_inference_steps)``; see ``deqir_fast.diffusers_compat``."""
         from .diffusers_compat import chain_from_diffusers
         return chain_from_diffusers(scheduler, num_inference_steps, eta)
+
+    def kernel_spec(self):
+        if type(self) is not DDIM:
+            return None
+        return KernelSpec("ddim", self.alpha, self.alpha_next, eta=self.eta,
+                          uses_noise=self.eta > 0)
 
     def _k(self, a, an):
         # 1. σ_t(η) = η sqrt((1-a')/(1-a)) sqrt(1 - a/a')   (Eq. 16)
@@ -208,6 +271,13 @@ class DDRM(_Restoration):
         return s, before, after
 
     num_jacobian_classes = 3
+
+    def kernel_spec(self):
+        if type(self) is not DDRM:
+            return None
+        return KernelSpec("ddrm", self.alpha, self.alpha_next, eta=self.eta, eta_b=self.eta_b,
+                          sigma_y=self.sigma_y, singulars=self.operator.singulars,
+                          uses_y=True, uses_noise=True)
 
     def jacobian_classes(self, lo, hi, like):
         """0: missing (s = 0), 1: less noisy than y, 2: noisier than y (by s·σ' vs σ_y)."""
@@ -276,6 +346,13 @@ class DDNM(_Restoration):
         return s, sn, inv_s, y_noise, (s > 0) & (sn >= y_noise)
 
     num_jacobian_classes = 3
+
+    def kernel_spec(self):
+        if type(self) is not DDNM:
+            return None
+        return KernelSpec("ddnm", self.alpha, self.alpha_next, eta=self.eta,
+                          sigma_y=self.sigma_y, singulars=self.operator.singulars,
+                          uses_y=True, uses_noise=self.eta > 0)
 
     def jacobian_classes(self, lo, hi, like):
         """0: null space (s = 0), 1: range with λ = 1, 2: range with λ < 1 (DDNM+)."""

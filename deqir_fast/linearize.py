@@ -98,6 +98,17 @@ class Linearization:
             J = slope * (ids == k) if J is None else torch.where(ids == k, slope, J)
         return J
 
+    def slope_table(self, lo: int, hi: int) -> Optional[torch.Tensor]:
+        """J of steps lo..hi-1 as the fused round reads it: one slope per (step, batch
+        item, class), [hi-lo, B, K] (a view), the class of each element being computed
+        in-kernel with the rules of ``chain.jacobian_classes``; None when J is off.
+        ``"paradigms"`` has no such table (its J varies per element): ValueError."""
+        if not self.active:
+            return None
+        if self.fixed is not None:
+            raise ValueError("the 'paradigms' Jacobian is per element, not a slope table")
+        return self.slopes[lo:hi]
+
     def observe(self, lo: int, hi: int, U: torch.Tensor, E: torch.Tensor) -> None:
         """Record the round's inputs U and ē(U) [hi-lo, B, ...]; with ``"secant"``, refit
         the slopes of the steps whose inputs moved since their last evaluation."""
@@ -119,6 +130,30 @@ class Linearization:
             slope = torch.minimum((num / torch.where(moved, den, torch.ones_like(den))).clamp_min(0),
                                   self.cap[lo:hi])
             self.slopes[lo:hi] = torch.where(moved, slope, self.slopes[lo:hi])
+        self._prev_U[lo:hi] = U
+        self._prev_E[lo:hi] = E
+        self._seen[lo:hi] = True
+
+    def observe_static(self, lo: int, hi: int, U: torch.Tensor, E: torch.Tensor) -> None:
+        """``observe`` without a host synchronisation, for a round captured in a CUDA
+        graph: the same refit computed unconditionally and masked by which steps were
+        seen (``observe`` skips it when none was, which leaves the same slopes). Needs a
+        prior ``observe`` (it allocates the buffers)."""
+        if self.kind != "secant" or not self.active:
+            return
+        if self._prev_U is None:
+            self.observe(lo, hi, U, E)
+            return
+        seen = self._seen[lo:hi]
+        dU = U - self._prev_U[lo:hi]
+        dE = E - self._prev_E[lo:hi]
+        num = self._class_sums(dU * dE, lo, hi)
+        den = self._class_sums(dU * dU, lo, hi)
+        scale = U.flatten(2).pow(2).sum(-1, keepdim=True) * _MIN_RELATIVE_MOVE ** 2
+        moved = (den > scale) & seen.view(-1, 1, 1)
+        slope = torch.minimum((num / torch.where(moved, den, torch.ones_like(den))).clamp_min(0),
+                              self.cap[lo:hi])
+        self.slopes[lo:hi] = torch.where(moved, slope, self.slopes[lo:hi])
         self._prev_U[lo:hi] = U
         self._prev_E[lo:hi] = E
         self._seen[lo:hi] = True

@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ._checks import raise_nonfinite
-from .ops import anderson_mix, step_residuals
+from .ops import step_residuals
+from .ops.anderson import AndersonRing
 
 # Leading steps freeze once the steps before them meet FREEZE_RATIO * tol. Freezing at
 # tol itself locks in errors that the chain then carries to x0: on the bundled model,
@@ -57,6 +58,8 @@ class Update:
     current one X, F(X) and G = F(X) - X (all [W, B, ...]); ``drop(n)`` forgets the first
     n steps (frozen); ``forget()`` clears any history (after a divergence restart)."""
 
+    uses_residual = True            # whether __call__ reads G (Picard does not)
+
     def __init__(self, **options):
         pass
 
@@ -74,6 +77,8 @@ class Update:
 class Picard(Update):
     """X <- F(X) (Jacobi; exact after at most S rounds)."""
 
+    uses_residual = False
+
     def __call__(self, X, FX, G):
         return FX
 
@@ -85,31 +90,37 @@ class Anderson(Update):
     norm), damping ``anderson_damping`` (Walker & Ni 2011; DeqIR, DEQ-DDIM)."""
 
     prefix = False
+    uses_residual = False           # G = F(X) - X is written straight into the ring
 
     def __init__(self, history: int = 4, anderson_reg: float = 1e-4,
                  anderson_damping: float = 1.0, **options):
         self.history, self.reg, self.damping = history, anderson_reg, anderson_damping
-        self.X_hist: List[torch.Tensor] = []
-        self.G_hist: List[torch.Tensor] = []
+        # The history lives in a preallocated ring (ops/anderson.py): entries are indexed
+        # by absolute step, so frozen steps leave and new steps enter without re-stacking,
+        # and each round adds one Gram row instead of recomputing the m x m matrices.
+        self.ring: Optional[AndersonRing] = None
+        self.lo = 0                     # absolute step of the window's first row
 
     def __call__(self, X, FX, G):
         W = X.shape[0]
-        self.X_hist = (self.X_hist + [X.clone()])[-self.history:]
-        self.G_hist = (self.G_hist + [G])[-self.history:]
-        # Entries recorded before new steps entered the window are shorter: their
-        # missing steps are zero and excluded.
-        valid = torch.stack([torch.arange(W, device=X.device) < g.shape[0] for g in self.G_hist])
-        new = anderson_mix(_pad_history(self.X_hist, W), _pad_history(self.G_hist, W), valid,
-                           reg=self.reg, damping=self.damping, prefix=self.prefix)
+        if self.ring is None or W > self.ring.rows:
+            # The first window is the widest (later ones only lose steps at the front or
+            # are cut at S), so it sizes the ring.
+            self.ring = AndersonRing(self.history, W, X[0])
+        self.ring.push(self.lo, self.lo + W, X, FX=FX)
+        # The ring holds copies of the entries, so the mix can overwrite X in place
+        # (one stacked state less at the peak; bench/round.py --memory).
+        new = self.ring.mix(self.lo, self.lo + W, reg=self.reg, damping=self.damping,
+                            prefix=self.prefix, out=X)
         new[0] = FX[0]                  # the first active step's input is exact
         return new
 
     def drop(self, n):
-        self.X_hist = [x[n:] for x in self.X_hist]
-        self.G_hist = [g[n:] for g in self.G_hist]
+        self.lo += n
 
     def forget(self):
-        self.X_hist, self.G_hist = [], []
+        if self.ring is not None:
+            self.ring.forget()
 
 
 @register_solver("triangular_anderson")
@@ -128,6 +139,8 @@ class SolverStats:
     residuals: List[torch.Tensor] = field(default_factory=list)  # per round: [S], NaN = frozen
     guard_fallback: bool = False  # the linearisation guard switched J off
     linearization: object = field(default=None, repr=False)   # its final J (for the adjoint)
+    graph_rounds: int = 0         # rounds replayed from a CUDA graph (cuda_graph=True)
+    graph_error: Optional[str] = None   # why capture failed, when it did
 
     @property
     def residual_trace(self) -> torch.Tensor:
@@ -141,18 +154,32 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
                       linearize: str = "secant", tol: float = 3e-3, floor: float = 0.1,
                       max_iter: Optional[int] = None, window: Optional[int] = None,
                       freeze_ratio: float = FREEZE_RATIO, callback: Optional[Callable] = None,
-                      initial_nfe: int = 0, **options):
+                      initial_nfe: int = 0, check_every: int = 1, cuda_graph: bool = False,
+                      **options):
     """Solve X = F(X) for a triangular system: a ``ChainSystem`` (the sampler) or an
     ``AdjointSystem`` (its gradient), anything with ``num_steps``, ``residual_scale``,
     ``inputs``, ``model_term``, ``scan`` and ``linearization``. X: [S, B, ...], updated
     in place and returned with the ``SolverStats``. ``options`` go to the update rule
-    (``history``, ``anderson_reg``, ``anderson_damping``)."""
+    (``history``, ``anderson_reg``, ``anderson_damping``).
+
+    ``check_every`` = k > 1 keeps the window and the freeze bookkeeping on the device
+    and reads the residuals back once every k rounds (``_solve_checking_every``);
+    ``cuda_graph`` (CUDA, with k > 1) also replays the rounds between two reads from a
+    captured CUDA graph. k = 1 (the default) is the loop below, one read per round."""
+    if check_every != 1 or cuda_graph:
+        return _solve_checking_every(system, X, solver=solver, linearize=linearize, tol=tol,
+                                     floor=floor, max_iter=max_iter, window=window,
+                                     freeze_ratio=freeze_ratio, callback=callback,
+                                     initial_nfe=initial_nfe, check_every=check_every,
+                                     cuda_graph=cuda_graph, **options)
     update = SOLVERS[check_solver(solver)](**options)
     lin = system.linearization(linearize)
     S = system.num_steps
     max_iter = S if max_iter is None else max_iter
     w = S if window is None else min(window, S)
     scale = system.residual_scale(floor)                          # [S] float64, host
+    scale_dev = scale.to(X.device)
+    fused = callable(getattr(system, "round_and_residuals", None))   # F(X) and r in one op
     stats = SolverStats(nfe=initial_nfe, linearization=lin)   # nfe: the initial guess's
     lo, hi = 0, w
     prev_r: Optional[torch.Tensor] = None                         # last round's, by step
@@ -160,9 +187,14 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
         U = system.inputs(X, lo, hi)
         E = system.model_term(U, lo)
         lin.observe(lo, hi, U, E)
-        FX = system.scan(E, U, lo, hi, lin.jacobian(lo, hi))       # [hi-lo, B, ...]
-        G = FX - X[lo:hi]
-        r = step_residuals(G).to("cpu", torch.float64) * scale[lo:hi]   # the round's sync
+        if fused:
+            FX, r = system.round_and_residuals(E, U, X[hi - 1], lo, hi, lin, scale_dev[lo:hi])
+            r = r.to("cpu")                                       # the round's sync
+            G = None                                              # F(X) - X, when needed
+        else:
+            FX = system.scan(E, U, lo, hi, lin.jacobian(lo, hi))   # [hi-lo, B, ...]
+            G = FX - X[lo:hi]
+            r = step_residuals(G).to("cpu", torch.float64) * scale[lo:hi]   # the round's sync
         bad = ~torch.isfinite(r)
         if bool(bad.any()):
             k = int(bad.nonzero()[0, 0])
@@ -205,11 +237,20 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             n_done = 1
             while n_done < hi - lo and bool(met[n_done - 1]):
                 n_done += 1
-        X[lo:hi] = update(X[lo:hi], FX, G) if n_done < hi - lo else FX
+        if n_done < hi - lo:
+            if G is None and update.uses_residual:
+                G = FX - X[lo:hi]
+            X[lo:hi] = update(X[lo:hi], FX, G)
+        else:
+            X[lo:hi] = FX
         X[lo:lo + n_done] = FX[:n_done]
         if callback is not None:
             callback({"iteration": stats.iterations, "window": (lo, hi), "residuals": row,
                       "nfe": stats.nfe, "state": X})
+        # Release the round's buffers before the next round allocates its own: else the
+        # peak holds two rounds' U, E and F(X) (measured: 4 stacked states for Picard
+        # with J off instead of 3; bench/round.py --memory).
+        del U, E, FX, G
         if n_done == hi - lo and hi == S:
             stats.converged = True
             break
@@ -220,6 +261,162 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
         update.drop(n_done)
         lo, hi = new_lo, new_hi
     return X, stats
+
+
+def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter, window,
+                          freeze_ratio, callback, initial_nfe, check_every, cuda_graph,
+                          **options):
+    """``fixed_point_solve`` reading the residuals back once every ``check_every`` rounds.
+
+    Between two reads the window [lo, hi) stays put and the freeze rule runs on the
+    device: a device counter f of leading frozen steps grows by at least one per round
+    (the first unfrozen step's input is exact), and further while the steps before have
+    met ``tol * freeze_ratio``; f = W when every step of the window met ``tol``. Frozen
+    steps take F(X), the others the solver's update. At each read: the rounds' residual
+    rows are recorded (NaN where a step was frozen), the linearisation guard and the
+    divergence restart are applied, ``callback`` is called for each round, and the
+    window slides by f. So S rounds still reach the serial answer exactly, and
+    ``converged`` is only set when every step was frozen. The cost: frozen steps stay in
+    the batched model call until the next read (``nfe`` counts them), and the guard acts
+    up to k - 1 rounds late.
+
+    ``cuda_graph``: on CUDA, the first round after each read runs eagerly (it warms up
+    allocations and the kernels' validation) and the next is captured in a CUDA graph
+    with static buffers (the window's slice of X, device counters), then replayed for
+    the remaining rounds before the read. A model or linearisation that cannot be
+    captured falls back to eager rounds (``stats.graph_rounds`` counts the replays).
+    Only Picard's update is captured (Anderson's host bookkeeping is not capturable)."""
+    if not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+    update = SOLVERS[check_solver(solver)](**options)
+    lin = system.linearization(linearize)
+    S = system.num_steps
+    max_iter = S if max_iter is None else max_iter
+    w = S if window is None else min(window, S)
+    dev = X.device
+    scale = system.residual_scale(floor)
+    scale_dev = scale.to(dev)
+    fused = callable(getattr(system, "round_and_residuals", None))
+    use_graph = bool(cuda_graph) and dev.type == "cuda" and isinstance(update, Picard)
+    stats = SolverStats(nfe=initial_nfe, linearization=lin)
+    lo, hi = 0, w
+    prev_row: Optional[torch.Tensor] = None
+    while stats.iterations < max_iter:
+        W = hi - lo
+        # At most W rounds between reads: each round freezes at least one more step of the
+        # window, so no round is spent on a window already frozen whole, and every round
+        # still pays for at least one frozen step: S rounds always suffice.
+        n_rounds = min(check_every, W, max_iter - stats.iterations)
+        pos = torch.arange(W, device=dev)
+        shape = (W,) + (1,) * (X.dim() - 1)
+        frozen = torch.zeros((), dtype=torch.int64, device=dev)   # leading frozen steps
+        q_dev = torch.zeros((), dtype=torch.int64, device=dev)    # round index in the batch
+        r_hist = torch.full((n_rounds, W), float("nan"), dtype=torch.float64, device=dev)
+        f_hist = torch.zeros((n_rounds + 1,), dtype=torch.int64, device=dev)
+        thr = tol * freeze_ratio
+
+        def one_round(static: bool = False):
+            U = system.inputs(X, lo, hi)
+            E = system.model_term(U, lo)
+            if static and hasattr(lin, "observe_static"):
+                lin.observe_static(lo, hi, U, E)
+            else:
+                lin.observe(lo, hi, U, E)
+            if fused:
+                FX, r = system.round_and_residuals(E, U, X[hi - 1], lo, hi, lin, scale_dev[lo:hi])
+            else:
+                FX = system.scan(E, U, lo, hi, lin.jacobian(lo, hi))
+                r = step_residuals(FX - X[lo:hi]).to(torch.float64) * scale_dev[lo:hi]
+            r_hist.index_copy_(0, q_dev.view(1), r.view(1, W))
+            # the freeze rule of fixed_point_solve, on the device
+            met = (r <= thr) | (pos < frozen)
+            lead = torch.cumprod(met[:-1].to(torch.int64), 0).sum() if W > 1 else frozen * 0
+            f_new = torch.where((r <= tol).all(), torch.full_like(frozen, W),
+                                torch.clamp(torch.maximum(1 + lead, frozen + 1), max=W))
+            new = update(X[lo:hi], FX, FX - X[lo:hi] if update.uses_residual else None)
+            X[lo:hi] = torch.where((pos < f_new).view(shape), FX, new)
+            frozen.copy_(f_new)
+            q_dev.add_(1)
+            f_hist.index_copy_(0, q_dev.view(1), f_new.view(1))
+
+        done_rounds = 0
+        if use_graph and n_rounds > 1:
+            done_rounds = _graph_rounds(one_round, n_rounds, stats)
+        for _ in range(done_rounds, n_rounds):
+            one_round()
+        # -- the read-back: one host sync per check_every rounds --------------------------
+        r_host = r_hist.to("cpu")
+        f_host = f_hist.to("cpu")
+        for q in range(n_rounds):
+            stats.iterations += 1
+            stats.nfe += W
+            rq = r_host[q].clone()
+            rq[:int(f_host[q])] = float("nan")              # frozen before this round
+            row = torch.full((S,), float("nan"), dtype=torch.float64)
+            row[lo:hi] = rq
+            stats.residuals.append(row)
+            first = int(f_host[q])
+            bad = ~torch.isfinite(r_host[q, first:])
+            if bool(bad.any()):
+                if int(bad.nonzero()[0, 0]) == 0:          # the first active step: the model
+                    raise_nonfinite(lo + first)
+            elif lin.active and prev_row is not None:
+                seen, now = prev_row[lo:hi], row[lo:hi]
+                both = torch.isfinite(seen) & torch.isfinite(now)
+                if bool(both.any()) and float(now[both].max()) > GUARD_GROWTH * float(seen[both].max()):
+                    lin.disable()
+                    stats.guard_fallback = True
+            prev_row = row
+            if callback is not None:
+                callback({"iteration": stats.iterations, "window": (lo, hi), "residuals": row,
+                          "nfe": stats.nfe, "state": X})
+        f = int(f_host[-1])
+        finite = torch.isfinite(X[lo:hi]).flatten(1).all(1).to("cpu")
+        if not bool(finite.all()):
+            # Divergence (see fixed_point_solve): restart the steps from the last finite
+            # state, forget the history, switch J off. Frozen steps are exact and finite.
+            k = int((~finite).nonzero()[0, 0])
+            if k == 0:
+                raise_nonfinite(lo)
+            X[lo + k:hi] = X[lo + k - 1]
+            f = min(f, k)
+            update.forget()
+            if lin.active:
+                lin.disable()
+                stats.guard_fallback = True
+        if f == W and hi == S:
+            stats.converged = True
+            break
+        new_lo = lo + f
+        new_hi = min(new_lo + w, S)
+        if new_hi > hi:
+            X[hi:new_hi] = X[hi - 1]
+        update.drop(f)
+        lo, hi = new_lo, new_hi
+    return X, stats
+
+
+def _graph_rounds(one_round, n_rounds: int, stats) -> int:
+    """Run ``n_rounds`` rounds: one eager (on a side stream, as CUDA graph capture needs
+    a warmed-up, non-default stream), then one captured and replayed n_rounds - 1 times.
+    Returns the rounds done; 1 when capture failed (the caller runs the rest eagerly)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        one_round()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            one_round(static=True)
+    except Exception as exc:            # an uncapturable model or op: eager from here
+        stats.graph_error = f"{type(exc).__name__}: {exc}"
+        torch.cuda.synchronize()
+        return 1
+    for _ in range(n_rounds - 1):
+        graph.replay()
+        stats.graph_rounds += 1
+    return n_rounds
 
 
 def _pad_history(hist, length):

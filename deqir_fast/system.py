@@ -15,7 +15,8 @@ import torch
 from ._checks import raise_nonfinite
 from .chains import Chain, StepCoefficients
 from .linearize import Linearization
-from .ops import affine_scan, affine_step
+from .ops import affine_scan, affine_step, step_residuals
+from .ops.fused_round import fused_round, step_table, window_coefficients
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,6 +50,17 @@ class ChainSystem:
         self.coeffs = coeffs
         self.batch = coeffs.u0.shape[0]
         self.timesteps = chain.timesteps.to(coeffs.u0.device)
+        # DDIM, DDRM and DDNM: the fused round computes P, Q and R per element in-kernel
+        # from a [S, NS] float64 table of per-step scalars and the singular values (one
+        # item's worth, in the state dtype); coeffs.P/Q/R are never materialised.
+        self.spec = chain.kernel_spec()
+        if self.spec is not None:
+            like = coeffs.u0
+            self._table = step_table(self.spec).to(like.device)
+            s = self.spec.singulars
+            self._s = None if s is None else \
+                s.to(device=like.device, dtype=like.dtype).expand(like.shape[1:]).contiguous()
+            self._ones = torch.ones(self.num_steps, dtype=torch.float64, device=like.device)
 
     @property
     def num_steps(self) -> int:
@@ -80,13 +92,50 @@ class ChainSystem:
         solver through the residuals it reads back anyway)."""
         return self.eps_bar(U, lo, check_finite=False)
 
+    def _ybar(self) -> Optional[torch.Tensor]:
+        return self.coeffs.ybar if self.spec.uses_y else None
+
+    def _noise(self, lo: int, hi: int) -> Optional[torch.Tensor]:
+        noise = self.coeffs.noise
+        return noise[lo:hi] if (self.spec.uses_noise and noise is not None) else None
+
+    def _fused(self, E, U, x_last, lo, hi, slopes, scale):
+        return fused_round(self.spec.sampler, self._table[lo:hi], E, U, x_last, scale, self._s,
+                           self._ybar(), self._noise(lo, hi), slopes)
+
     def scan(self, E: torch.Tensor, U: torch.Tensor, lo: int, hi: int,
              J: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The states after steps lo..hi-1 from the carry U[0], with ē lagged at U and
-        (with J) linearised around it."""
+        (with J, any tensor broadcastable to the window) linearised around it."""
         c = self.coeffs
-        R = None if c.R is None else c.R[lo:hi]
-        return affine_scan(c.P[lo:hi], c.Q[lo:hi], E, R, U[0], J, None if J is None else U)
+        if self.spec is None:
+            R = None if c.R is None else c.R[lo:hi]
+            return affine_scan(c.P[lo:hi], c.Q[lo:hi], E, R, U[0], J, None if J is None else U)
+        if J is None:
+            return self._fused(E, U, U[-1], lo, hi, None, self._ones[lo:hi])[0]
+        # A J that is not a per-class slope table (ParaDiGMS' (1-P)/Q): the window's
+        # coefficients in the state dtype, then the generic scan.
+        P, Q, kY, kZ, _ = window_coefficients(self.spec.sampler, self._table[lo:hi].to(E.dtype),
+                                              self._s, E.dim() - 2)
+        ybar, noise = self._ybar(), self._noise(lo, hi)
+        R = None if (kY is None or ybar is None) else kY * ybar.unsqueeze(0)
+        if kZ is not None and noise is not None:
+            R = kZ * noise if R is None else R + kZ * noise
+        return affine_scan(P, Q, E, R, U[0], J, U)
+
+    def round_and_residuals(self, E: torch.Tensor, U: torch.Tensor, x_last: torch.Tensor,
+                            lo: int, hi: int, lin, scale: torch.Tensor):
+        """One solver round after the model call: (F(X) for steps lo..hi-1, the per-step
+        residual max|F(X)_i - X_i| * scale_i as a [hi-lo] float64 tensor on the state's
+        device). X_i is U[i+1] for i < hi-lo-1 and ``x_last`` (= X[hi-1]) for the last
+        step. With a kernel spec and a per-class slope table (or no J) this is one fused
+        op (``ops/fused_round.py``); otherwise the scan, then the residuals."""
+        table_J = not lin.active or getattr(lin, "fixed", None) is None
+        if self.spec is not None and table_J and hasattr(lin, "slope_table"):
+            return self._fused(E, U, x_last, lo, hi, lin.slope_table(lo, hi), scale)
+        FX = self.scan(E, U, lo, hi, lin.jacobian(lo, hi))
+        r = torch.cat([step_residuals(FX[:-1] - U[1:]), step_residuals(FX[-1:] - x_last[None])])
+        return FX, r.to(torch.float64) * scale
 
     def evaluate(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """F(X)[lo:hi] with ē lagged whole (J = 0): the plain fixed-point map."""
@@ -114,7 +163,10 @@ class ChainSystem:
         states = torch.empty((self.num_steps, *u.shape), dtype=u.dtype, device=u.device)
         for i in range(self.num_steps):
             e = self.eps_bar(u.unsqueeze(0), i)[0]
-            u = affine_step(c.P[i], c.Q[i], e, None if c.R is None else c.R[i], u)
+            if self.spec is None:
+                u = affine_step(c.P[i], c.Q[i], e, None if c.R is None else c.R[i], u)
+            else:       # the fused round's arithmetic, one step: parallel == serial
+                u = self._fused(e[None], u[None], u, i, i + 1, None, self._ones[i:i + 1])[0][0]
             states[i] = u
             if callback is not None:
                 callback({"step": i, "t": int(self.chain.timesteps[i]), "num_steps": self.num_steps})

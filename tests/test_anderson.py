@@ -54,3 +54,75 @@ def test_singular_history_falls_back_to_picard():
     out = anderson_mix(X, G, torch.ones(3, 2, dtype=torch.bool), reg=0.0)
     assert torch.isfinite(out).all()
     assert torch.equal(out, X[-1])
+
+
+NATIVE_RING = bool(getattr(__import__("torch").ops.deqir_fast, "anderson_mix", None)) or \
+    __import__("deqir_fast.ops.native", fromlist=["status"]).status().ok
+
+
+@pytest.mark.parametrize("impl", ["torch", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prefix", [False, True])
+@pytest.mark.parametrize("rows,windows", [
+    (6, [(0, 6), (0, 6), (1, 6), (2, 6), (2, 6), (4, 6)]),            # no window: frozen steps drop
+    (4, [(0, 4), (1, 5), (1, 5), (3, 7), (4, 8), (4, 8), (6, 9)]),    # a sliding window wraps the ring
+])
+def test_ring_matches_the_list_history(dtype, prefix, rows, windows, impl):
+    """AndersonRing against today's list-based history (the solver's Anderson before the
+    ring: entries sliced as steps freeze, zero-padded and excluded where they had not
+    seen a step) on fresh random iterates, history 3."""
+    from deqir_fast.ops.anderson import AndersonRing
+    from deqir_fast.solvers import _pad_history
+    gen = torch.Generator().manual_seed(rows)
+    m, B, item = 3, 2, (3, 4, 5)
+    ring = AndersonRing(m, rows, torch.zeros((B, *item), dtype=dtype))
+    if impl == "native" and not (NATIVE_RING and hasattr(torch.ops.deqir_fast, "anderson_mix")):
+        pytest.skip("native kernels unavailable")
+    ring.native = impl == "native"
+    Xh, Gh = [], []
+    prev_lo = windows[0][0]
+    for lo, hi in windows:
+        Xh = [x[lo - prev_lo:] for x in Xh]                             # drop frozen steps
+        Gh = [g[lo - prev_lo:] for g in Gh]
+        prev_lo = lo
+        X = torch.randn((hi - lo, B, *item), generator=gen, dtype=dtype)
+        G = torch.randn((hi - lo, B, *item), generator=gen, dtype=dtype) * 0.1
+        Xh, Gh = (Xh + [X.clone()])[-m:], (Gh + [G])[-m:]
+        valid = torch.stack([torch.arange(hi - lo) < g.shape[0] for g in Gh])
+        ref = anderson_mix(_pad_history(Xh, hi - lo), _pad_history(Gh, hi - lo), valid,
+                           reg=1e-4, damping=0.8, prefix=prefix)
+        if len(Xh) % 2:
+            ring.push(lo, hi, X, G)
+        else:                              # the solver's way: G = FX - X into the ring
+            ring.push(lo, hi, X, FX=X + G)
+            G.copy_(ring.G[ring.held()[-1], torch.arange(lo, hi) % rows])
+        ours = ring.mix(lo, hi, reg=1e-4, damping=0.8, prefix=prefix)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert torch.allclose(ours, ref, rtol=tol, atol=tol), (lo, hi)
+    ring.forget()
+    assert ring.held() == []
+
+
+@pytest.mark.parametrize("impl", ["torch", "native"])
+def test_ring_never_reads_stale_rows(impl):
+    """After a divergence restart (forget) the ring still holds non-finite rows; entries
+    excluded for a step must contribute nothing, whatever their rows hold."""
+    from deqir_fast.ops.anderson import AndersonRing
+    if impl == "native" and not hasattr(torch.ops.deqir_fast, "anderson_mix"):
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(0)
+    B, item = 2, (3, 4, 5)
+    rnd = lambda W: torch.randn((W, B, *item), generator=gen, dtype=torch.float64)  # noqa: E731
+    poisoned = AndersonRing(3, 6, torch.zeros((B, *item), dtype=torch.float64))
+    clean = AndersonRing(3, 6, torch.zeros((B, *item), dtype=torch.float64))
+    poisoned.native = clean.native = impl == "native"
+    for _ in range(3):
+        poisoned.push(0, 6, torch.full((6, B, *item), float("nan"), dtype=torch.float64),
+                      torch.full((6, B, *item), float("inf"), dtype=torch.float64))
+    poisoned.forget()
+    for lo, hi in [(2, 6), (2, 6), (3, 6)]:
+        X, G = rnd(hi - lo), rnd(hi - lo)
+        poisoned.push(lo, hi, X, G)
+        clean.push(lo, hi, X, G)
+        a, b = poisoned.mix(lo, hi, prefix=True), clean.mix(lo, hi, prefix=True)
+        assert torch.isfinite(a).all() and torch.equal(a, b)

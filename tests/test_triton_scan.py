@@ -21,17 +21,27 @@ def test_triton_scan_matches_reference_in_the_interpreter():
 def test_backend_dispatch(monkeypatch):
     import torch
 
-    from deqir_fast.ops import scan_backend
+    from deqir_fast.ops import backends, scan_backend
     x = torch.zeros(2, 2)
-    monkeypatch.delenv("DEQIR_FAST_BACKEND", raising=False)
+
+    def setting(value):
+        if value is None:
+            monkeypatch.delenv("DEQIR_FAST_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("DEQIR_FAST_BACKEND", value)
+        backends.reset()                            # the setting is read once per process
+
+    setting(None)
     assert scan_backend(x) == "reference"          # CPU tensors: the reference
-    monkeypatch.setenv("DEQIR_FAST_BACKEND", "triton")
+    setting("native")
+    assert scan_backend(x) == "reference"          # there is no native generic scan
+    setting("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="CUDA tensors or TRITON_INTERPRET=1"):
         scan_backend(x)                             # CPU without the interpreter: no kernel
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert scan_backend(x) == "triton"
-    monkeypatch.setenv("DEQIR_FAST_BACKEND", "cuda-magic")
+    setting("cuda-magic")
     with pytest.raises(ValueError, match="DEQIR_FAST_BACKEND"):
         scan_backend(x)
-
+    setting(None)

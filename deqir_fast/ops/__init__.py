@@ -1,14 +1,21 @@
-"""The hot operations besides the denoiser, each with a pure-PyTorch reference.
+"""The hot operations besides the denoiser, each with a pure-PyTorch reference beside its
+kernels (docs/design.md §5).
 
-- ``affine_step`` / ``affine_scan``: the chain's per-step update and its scan over the
-  step axis (the "analytical solution" of the chain, computed as the serial sampler
-  computes it, never through cumulative products); a Triton kernel on CUDA.
-- ``anderson_mix``: Gram matrices of the residual history, the small bordered solves
-  and the mix, per (step, batch item).
-- ``step_residuals``: the per-step max-abs residual.
+- ``fused_round``: one solver round of DDIM / DDRM / DDNM after the model call: the
+  linearised scan with P, Q, R computed per element in-kernel, and the per-step
+  residual, in one pass (``fused_round.py``; kernels: C++/OpenMP and CUDA C++ in
+  ``kernels/``, Triton in ``triton_round.py``);
+- ``affine_step`` / ``affine_scan``: the generic per-step update and scan over
+  materialised coefficients (the adjoint system, other chains; a Triton kernel on CUDA);
+- ``anderson_mix`` / ``AndersonRing``: Anderson mixing, the list-based reference and the
+  preallocated ring of history with incremental Gram rows (native Gram and mix kernels);
+- ``step_residuals``: the per-step max-abs residual;
+- ``backends``: which backend runs where (``DEQIR_FAST_BACKEND``, read once).
 """
-from .anderson import anderson_mix
+from .anderson import AndersonRing, anderson_mix
+from .fused_round import KernelSpec, fused_round, fused_round_reference
 from .scan import affine_scan, affine_scan_reference, affine_step, scan_backend, step_residuals
 
-__all__ = ["affine_scan", "affine_scan_reference", "affine_step", "anderson_mix",
-           "scan_backend", "step_residuals"]
+__all__ = ["AndersonRing", "KernelSpec", "affine_scan", "affine_scan_reference", "affine_step",
+           "anderson_mix", "fused_round", "fused_round_reference", "scan_backend",
+           "step_residuals"]

@@ -9,7 +9,7 @@ steps that feed it).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,11 +25,24 @@ def anderson_mix(X_hist: Sequence[torch.Tensor], G_hist: Sequence[torch.Tensor],
     to the newest entry with plain damping (a Picard step) for that (step, item).
     """
     m = len(G_hist)
-    G = torch.stack([g.flatten(2) for g in G_hist])              # [m, W, B, n]
     if m == 1:
         return X_hist[0] + damping * G_hist[0]
+    G = torch.stack([g.flatten(2) for g in G_hist])              # [m, W, B, n]
     G64 = G.to(torch.float64)
     H = torch.einsum("jwbn,kwbn->wbjk", G64, G64)              # [W, B, m, m]
+    alpha = anderson_weights(H, valid, reg=reg, prefix=prefix).to(G.dtype)   # [W, B, m]
+    Xs = torch.stack([x.flatten(2) for x in X_hist])           # [m, W, B, n]
+    mixed = torch.einsum("wbj,jwbn->wbn", alpha, Xs + damping * G)
+    return mixed.view_as(X_hist[-1])
+
+
+def anderson_weights(H: torch.Tensor, valid: torch.Tensor, *, reg: float = 1e-4,
+                     prefix: bool = False) -> torch.Tensor:
+    """The mixing weights [W, B, m] (float64) from the Gram matrices H [W, B, m, m] of the
+    history (entries oldest first; H's entries for pairs with an excluded entry are 0)
+    and ``valid`` [m, W]: the prefix sum over steps (triangular variant), the
+    regularised bordered solves, and the Picard fallback. Shared by ``anderson_mix`` and
+    ``AndersonRing`` so both run the same maths."""
     if prefix:
         H = H.cumsum(0)
     v = valid.to(torch.float64).transpose(0, 1)[:, None, :]    # [W, 1, m]
@@ -46,7 +59,181 @@ def anderson_mix(X_hist: Sequence[torch.Tensor], G_hist: Sequence[torch.Tensor],
     ok = (info == 0)[..., None] & torch.isfinite(alpha).all(-1, keepdim=True)
     newest = torch.zeros_like(alpha)
     newest[..., -1] = 1.0
-    alpha = torch.where(ok, alpha, newest).to(G.dtype)         # [W, B, m]
-    Xs = torch.stack([x.flatten(2) for x in X_hist])           # [m, W, B, n]
-    mixed = torch.einsum("wbj,jwbn->wbn", alpha, Xs + damping * G)
-    return mixed.view_as(X_hist[-1])
+    return torch.where(ok, alpha, newest)
+
+
+# float64 products of a history entry with the newest one are formed this many values at
+# a time, so the Gram update never holds more than ~16 MB of float64 temporaries.
+_GRAM_CHUNK = 1 << 20
+
+
+class AndersonRing:
+    """Anderson history in preallocated buffers: the last ``m`` iterates X_j and
+    residuals G_j of every step, [m, rows, B, ...] (row = step % rows, so a sliding
+    window of at most ``rows`` steps never collides), and the Gram matrices of every pair
+    of entries, [rows, B, m, m] float64, kept up to date: a new entry costs one pass
+    over the entries it is dotted with, not a re-stacked history and a full m x m
+    einsum per round. ``mix`` gives what ``anderson_mix`` gives on the same history
+    (same weights function; rounding aside).
+
+    Which entry saw which step is host bookkeeping (``step_of``): an entry is excluded
+    for a step it did not evaluate, as in ``anderson_mix``'s ``valid``."""
+
+    def __init__(self, m: int, rows: int, like: torch.Tensor):
+        if m < 1 or rows < 1:
+            raise ValueError(f"AndersonRing needs m >= 1 and rows >= 1, got {m}, {rows}")
+        self.m, self.rows = m, rows
+        self.item_shape = tuple(like.shape)           # one step's state: [B, ...]
+        B = like.shape[0]
+        self.X = like.new_zeros((m, rows, *like.shape))
+        self.G = like.new_zeros((m, rows, *like.shape))
+        self.gram = torch.zeros((rows, B, m, m), dtype=torch.float64, device=like.device)
+        self.step_of = torch.full((m, rows), -1, dtype=torch.int64)   # host
+        self.count = 0
+        self.native = _native_for(like, m)
+
+    def forget(self) -> None:
+        self.step_of.fill_(-1)
+        self.count = 0
+
+    def held(self):
+        """Slots of the entries held, oldest first."""
+        h = min(self.count, self.m)
+        return [(self.count - h + i) % self.m for i in range(h)]
+
+    def _segments(self, lo: int, hi: int):
+        """(window offset, row start, length) pieces of steps lo..hi-1 in the ring."""
+        out, w = [], 0
+        while lo + w < hi:
+            r = (lo + w) % self.rows
+            n = min(hi - lo - w, self.rows - r)
+            out.append((w, r, n))
+            w += n
+        return out
+
+    def valid(self, lo: int, hi: int, slots) -> torch.Tensor:
+        steps = torch.arange(lo, hi)
+        return torch.stack([self.step_of[j, steps % self.rows] == steps for j in slots])
+
+    def push(self, lo: int, hi: int, X: torch.Tensor, G: Optional[torch.Tensor] = None,
+             FX: Optional[torch.Tensor] = None) -> None:
+        """Record the window's iterate X and residual G ([hi-lo, B, ...]) as the newest
+        entry, and its Gram row against every held entry. With ``FX`` instead of G, G =
+        FX - X is written straight into the ring (no temporary)."""
+        if (G is None) == (FX is None):
+            raise ValueError("push takes G or FX")
+        if hi - lo > self.rows:
+            raise ValueError(f"a window of {hi - lo} steps does not fit {self.rows} rows")
+        p = self.count % self.m
+        self.count += 1
+        for w, r, n in self._segments(lo, hi):
+            self.X[p, r:r + n].copy_(X[w:w + n])
+            if G is not None:
+                self.G[p, r:r + n].copy_(G[w:w + n])
+            else:
+                torch.sub(FX[w:w + n], X[w:w + n], out=self.G[p, r:r + n])
+        self.step_of[p, torch.arange(lo, hi) % self.rows] = torch.arange(lo, hi)
+        if self.native:             # one pass over each entry's rows, float64 sums in-kernel
+            held = self.held()
+            idx = torch.tensor(held, device=self.gram.device)
+            for _, r, n in self._segments(lo, hi):
+                dots = torch.ops.deqir_fast.anderson_gram(self.G.flatten(3), p, held, r, r + n)
+                self.gram[r:r + n, :, p, idx] = dots
+                self.gram[r:r + n, :, idx, p] = dots
+            return
+        per_row = max(1, _GRAM_CHUNK // max(1, X[0].numel()))
+        for j in self.held():
+            for _, r, n in self._segments(lo, hi):
+                for c in range(r, r + n, per_row):
+                    e = min(c + per_row, r + n)
+                    a = self.G[p, c:e].flatten(2).to(torch.float64)
+                    b = a if j == p else self.G[j, c:e].flatten(2).to(torch.float64)
+                    dots = (a * b).sum(-1)                               # [rows, B]
+                    self.gram[c:e, :, p, j] = dots
+                    self.gram[c:e, :, j, p] = dots
+
+    def mix(self, lo: int, hi: int, *, reg: float = 1e-4, damping: float = 1.0,
+            prefix: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mixed iterate of steps lo..hi-1, [hi-lo, *item]: Σ_j α_j (X_j + d G_j),
+        written into ``out`` when given (e.g. the solver's own X[lo:hi]: the ring holds
+        copies of the entries, so it may alias the newest iterate)."""
+        slots = self.held()
+        if not slots:
+            raise RuntimeError("AndersonRing.mix before any push")
+        W = hi - lo
+        segs = self._segments(lo, hi)
+        if out is None:
+            out = self.X.new_empty((W, *self.item_shape))
+        if len(slots) == 1:                       # one entry: a damped Picard step
+            p = slots[0]
+            for w, r, n in segs:
+                torch.add(self.X[p, r:r + n], self.G[p, r:r + n], alpha=damping, out=out[w:w + n])
+            return out
+        idx = torch.tensor(slots, device=self.gram.device)
+        rows = torch.cat([torch.arange(r, r + n) for _, r, n in segs]).to(self.gram.device)
+        valid = self.valid(lo, hi, slots)                                # [h, W], host
+        vd = valid.to(self.gram.device)
+        both = (vd.transpose(0, 1)[:, None, :, None] & vd.transpose(0, 1)[:, None, None, :])
+        # where, not a product: rows an entry did not evaluate may hold anything
+        H = torch.where(both, self.gram[rows][:, :, idx][:, :, :, idx], 0.0)
+        alpha = anderson_weights(H, vd, reg=reg, prefix=prefix).to(self.X.dtype)   # [W, B, h]
+        pad = (1,) * (len(self.item_shape) - 1)
+        if self.native:
+            # zero weights for excluded (entry, step) pairs: the kernel skips them
+            alpha = torch.where(vd.transpose(0, 1)[:, None, :], alpha, 0).contiguous()
+            for w, r, n in segs:
+                dst = out[w:w + n]
+                if dst.is_contiguous():
+                    torch.ops.deqir_fast.anderson_mix_out(
+                        self.X.flatten(3), self.G.flatten(3), slots, alpha[w:w + n].contiguous(), r,
+                        r + n, float(damping), dst)
+                else:
+                    dst.copy_(torch.ops.deqir_fast.anderson_mix(
+                        self.X.flatten(3), self.G.flatten(3), slots, alpha[w:w + n].contiguous(), r,
+                        r + n, float(damping)).view_as(dst))
+            return out
+        out.zero_()
+        for k, j in enumerate(slots):
+            # An excluded entry contributes nothing (anderson_mix pads it with zeros):
+            # accumulate entry j only over the window positions it evaluated.
+            ok = valid[k]
+            for w, r, n in segs:
+                pos = ok[w:w + n]
+                if not bool(pos.any()):
+                    continue
+                for a0, a1 in _runs(pos):
+                    o = out[w + a0:w + a1]
+                    a = alpha[w + a0:w + a1, :, k].reshape(a1 - a0, -1, *pad)
+                    term = torch.add(self.X[j, r + a0:r + a1], self.G[j, r + a0:r + a1], alpha=damping)
+                    o.addcmul_(term, a)
+        return out
+
+
+def _native_for(like: torch.Tensor, m: int = 1) -> bool:
+    """Whether the ring runs the native Gram/mix kernels: when the fused round's backend
+    for this device is 'native' and the library has them (CUDA: history <= 16)."""
+    if like.dtype not in (torch.float32, torch.float64) or (like.is_cuda and m > 16):
+        return False
+    from . import backends
+    try:
+        if backends.choose(like.device)[0] != "native":
+            return False
+    except ValueError:
+        return False
+    return hasattr(torch.ops.deqir_fast, "anderson_mix") and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("deqir_fast::anderson_mix",
+                                                        "CUDA" if like.is_cuda else "CPU")
+
+
+def _runs(mask: torch.Tensor):
+    """[start, end) of each run of True in a 1-D host bool tensor."""
+    out, start = [], None
+    for i, v in enumerate(mask.tolist()):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            out.append((start, i))
+            start = None
+    if start is not None:
+        out.append((start, len(mask)))
+    return out

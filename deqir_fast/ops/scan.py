@@ -8,20 +8,23 @@ a diagonal guess of ∂ē/∂u. J = None is the plain scan (ē lagged whole). At
 u_i = U_i, so the correction vanishes and every J has the serial sampler's fixed point;
 at the first step u_0 = U_0 (the carry), so its correction is exactly 0.
 
-``affine_scan`` dispatches on ``DEQIR_FAST_BACKEND``: ``reference`` (this file's pure
-PyTorch) or ``triton`` (``triton_scan.py``; on CPU it needs ``TRITON_INTERPRET=1`` set
-before triton is imported). ``auto`` (the default) is the reference for now: the kernel
-matches it exactly in Triton's interpreter but has not yet run on a GPU; flip ``auto`` to
-the kernel on CUDA once ``bench/gpu_check.sh`` has validated and timed it there.
+``affine_scan`` is the generic scan (any P, Q, J tensors): the adjoint system, chains
+without a kernel spec and ParaDiGMS' per-element J. DDIM, DDRM and DDNM solves run the
+fused round instead (``fused_round.py``). Its backend follows ``DEQIR_FAST_BACKEND``
+(read once, ``backends.py``): ``triton`` runs ``triton_scan.py`` (on CPU only with
+``TRITON_INTERPRET=1`` set before triton is imported); everything else, ``auto``
+included, runs this file's pure PyTorch, until ``bench/gpu_check.sh`` has timed the
+Triton scan on a GPU. There is no native generic scan.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+from . import backends
+
+BACKENDS = ("auto", "reference", "torch", "native", "triton")   # accepted settings
 
 
 def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[torch.Tensor],
@@ -33,15 +36,13 @@ def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[t
 
 
 def scan_backend(E: torch.Tensor) -> str:
-    """The backend ``affine_scan`` uses for E (see the module docstring). The kernel
-    indexes with 32-bit offsets, so chains of 2^31 or more values use the reference."""
-    forced = os.environ.get("DEQIR_FAST_BACKEND", "auto")
-    if forced not in BACKENDS:
-        raise ValueError(f"DEQIR_FAST_BACKEND must be one of {BACKENDS}, got {forced!r}")
-    if forced == "triton" and E.numel() < 2 ** 31:
-        if E.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("DEQIR_FAST_BACKEND=triton needs CUDA tensors or TRITON_INTERPRET=1 "
-                             f"(set before triton is imported); the state is on {E.device}")
+    """The backend ``affine_scan`` uses for E: 'triton' when DEQIR_FAST_BACKEND=triton
+    (CUDA, or the interpreter) and the chain has fewer than 2^31 values (the kernel
+    indexes with 32-bit offsets), else 'reference'."""
+    if backends.forced() == "triton" and E.numel() < 2 ** 31:
+        ok, why = backends.triton_available(E.device)
+        if not ok:
+            raise ValueError(f"DEQIR_FAST_BACKEND=triton {why}")
         return "triton"
     return "reference"
 

@@ -1,0 +1,94 @@
+"""The solver loop reading its residuals back once every k rounds (``check_every``), with
+the window and freeze bookkeeping on the device, and CUDA-graph replay of those rounds
+(skipped without a GPU)."""
+import pytest
+import torch
+
+import deqir_fast as dq
+from conftest import make_problem
+
+
+def gen():
+    return torch.Generator().manual_seed(5)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "triangular_anderson"])
+@pytest.mark.parametrize("k", [2, 3, 7])
+@pytest.mark.parametrize("kind,op_name,sigma_y,window", [("ddim_eta", None, 0.0, None),
+                                                         ("ddrm", "sr", 0.1, 6),
+                                                         ("ddnm", "inpainting", 0.1, None)])
+def test_every_k_rounds_reaches_the_serial_answer(schedule, kind, op_name, sigma_y, window, k, solver):
+    S = 14
+    model, chain, x_T = make_problem(schedule, kind, op_name, S, 2, sigma_y, seed=k)
+    serial = dq.sample_serial(model, chain, x_T, generator=gen(), return_states=True)
+    res = dq.solve(model, chain, x_T, generator=gen(), solver=solver, tol=1e-10, window=window,
+                   check_every=k)
+    assert res.converged and res.iterations <= S
+    assert (res.states - serial).abs().max().item() <= 1e-8 * serial.abs().max().item()
+    assert res.residuals.shape == (res.iterations, S)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_picard_is_exact_after_S_rounds_whatever_k(schedule, k):
+    """tol = 0: only the freeze rule ends the solve; S rounds must suffice, and the
+    device-side rule freezes one step per round like the host one."""
+    S = 12
+    model, chain, x_T = make_problem(schedule, "ddim", None, S, 2, seed=3)
+    serial = dq.sample_serial(model, chain, x_T, return_states=True)
+    res = dq.solve(model, chain, x_T, solver="picard", linearize="none", tol=0.0, check_every=k,
+                   init="x_T")
+    assert res.converged and res.iterations == S
+    assert (res.states - serial).abs().max().item() <= 1e-13
+    # the residual rows mark frozen steps with NaN, one more per round
+    frozen = torch.isnan(res.residuals).sum(1)
+    assert frozen.tolist() == list(range(S))
+
+
+def test_check_every_one_is_todays_loop(schedule):
+    model, chain, x_T = make_problem(schedule, "ddrm", "sr", 20, 2, 0.1, seed=8)
+    a = dq.solve(model, chain, x_T, generator=gen(), solver="triangular_anderson")
+    b = dq.solve(model, chain, x_T, generator=gen(), solver="triangular_anderson", check_every=1)
+    assert a.iterations == b.iterations and torch.equal(a.states, b.states)
+    assert torch.equal(torch.nan_to_num(a.residuals, 7.0), torch.nan_to_num(b.residuals, 7.0))
+
+
+def test_not_converged_when_rounds_run_out(schedule):
+    model, chain, x_T = make_problem(schedule, "ddim", None, 30, 1, seed=2)
+    res = dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=5, init="x_T", check_every=2)
+    assert res.iterations == 5 and not res.converged
+    # tol = 0 freezes exactly one step a round; the window only slides at a read, so
+    # frozen steps are evaluated again until then: 30 + 30, 28 + 28, 26
+    assert res.nfe == 142
+
+
+def test_default_tolerance_within_one_grey_level_every_4(schedule):
+    model, chain, x_T = make_problem(schedule, "ddrm", "inpainting", 50, 2, 0.05, seed=5,
+                                     dtype=torch.float32)
+    serial = dq.sample_serial(model, chain, x_T, generator=gen())
+    res = dq.solve(model, chain, x_T, generator=gen(), check_every=4)
+    assert res.converged
+    assert (res.x0 - serial).abs().max().item() < 2 / 255
+
+
+def test_check_every_is_validated(schedule):
+    model, chain, x_T = make_problem(schedule, "ddim", None, 4, 1)
+    with pytest.raises(ValueError, match="check_every must be >= 1"):
+        dq.solve(model, chain, x_T, check_every=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none visible)")
+@pytest.mark.parametrize("kind,linearize", [("ddim", "secant"), ("ddim_eta", "gaussian"),
+                                            ("ddrm", "none")])
+def test_cuda_graph_replay_equals_eager(schedule, kind, linearize):
+    model, chain, x_T = make_problem(schedule, kind, "sr", 30, 2, 0.1, seed=1, dtype=torch.float32)
+    model = model.cuda()
+    x_T = x_T.cuda()
+    if hasattr(chain, "y"):
+        chain.y = chain.y.cuda()
+    noise = torch.randn((30, *x_T.shape), generator=torch.Generator().manual_seed(2)).cuda()
+    kw = dict(noise=noise, solver="picard", linearize=linearize, tol=0.0, check_every=5)
+    eager = dq.solve(model, chain, x_T, **kw)
+    graph = dq.solve(model, chain, x_T, cuda_graph=True, **kw)
+    assert graph.stats.graph_rounds > 0, graph.stats.graph_error
+    assert graph.iterations == eager.iterations and graph.converged
+    assert torch.allclose(graph.states, eager.states, rtol=0, atol=1e-5)
