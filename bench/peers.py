@@ -20,7 +20,7 @@ from deqir_fast.peers import peer
 
 SETTINGS = {
     "deqir_fast": [{}],
-    "ParaDiGMS": [dict(tol=t) for t in (0.1, 0.03, 0.01, 0.003)],
+    "ParaDiGMS": [dict(tol=t) for t in (0.1, 0.01, 0.003, 1e-3, 3e-4)],
     "DeqIR": [{}],
     "ParaTAA": [dict(tol=t) for t in (1e-3, 1e-4)],
 }

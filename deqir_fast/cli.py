@@ -30,11 +30,13 @@ import deqir_fast as dq
 from . import figures
 from . import image_io as io
 from . import operators as ops
+from .linearize import LINEARIZATIONS
 from .solvers import SOLVERS
 from .tasks import TASKS, build_operator, get_task
 
 SAMPLERS = ("ddrm", "ddnm")
 DEFAULT_SOLVER = inspect.signature(dq.solve).parameters["solver"].default
+DEFAULT_LINEARIZE = inspect.signature(dq.solve).parameters["linearize"].default
 MODES = ("auto", "parallel", "serial")
 # Six tasks at 20 steps keep the demo near a minute on 2 CPU cores (measured 1.5 min for
 # 13 tasks). Compressed sensing is left out: a random 25-50% of the DCT coefficients
@@ -384,8 +386,8 @@ def run_chain(model, chain, shape, seed: int, mode: str, args, reporter: Reporte
     if args.optimize_init:
         bar = reporter.bar(f"{desc} optimize x_T", args.optimize_init, "Adam step")
         opt = dq.optimize_init(model, chain, x_T, loss="measurement", steps=args.optimize_init,
-                               lr=args.lr, generator=gen, solver=args.solver, tol=args.tol,
-                               window=args.window, callback=lambda info: bar.update(1))
+                               lr=args.lr, generator=gen, callback=lambda info: bar.update(1),
+                               **solve_options(args))
         bar.close()
         before = opt.losses[0] if opt.losses else float("nan")
         after = float((chain.operator.A(opt.x0) - chain.y).pow(2).sum())
@@ -400,8 +402,7 @@ def run_chain(model, chain, shape, seed: int, mode: str, args, reporter: Reporte
         return x0, f"serial, {args.steps} model calls"
     bar = RoundProgress(reporter, f"{desc} parallel", args.steps)
     try:
-        res = dq.solve(model, chain, x_T, generator=gen, solver=args.solver, tol=args.tol,
-                       window=args.window, callback=bar)
+        res = dq.solve(model, chain, x_T, generator=gen, callback=bar, **solve_options(args))
     finally:
         bar.close()
     return res.x0, f"parallel, {res.iterations} rounds, {res.nfe} step evaluations"
@@ -472,9 +473,16 @@ def run_demo(args) -> int:
         bar.close()
         bar = RoundProgress(reporter, f"{name} parallel", args.steps)
         res = dq.solve(model, chain, x_T, generator=chain_generator(args.seed, args.device),
-                       solver=args.solver, tol=args.tol, window=args.window, callback=bar)
+                       callback=bar, **solve_options(args))
         bar.close()
         traces[name] = {"residuals": res.residuals, "converged": res.converged}
+        if name == tasks[0] and args.linearize != "none":
+            # The same solve on the plain map (J = 0, DeqIR's): what the linearised scan
+            # saves, shown next to it in convergence.png.
+            plain = dq.solve(model, chain, x_T, generator=chain_generator(args.seed, args.device),
+                             **dict(solve_options(args), linearize="none"))
+            traces[f"{name}, J = 0 (no linearisation)"] = {"residuals": plain.residuals,
+                                                           "converged": plain.converged}
         base = baseline(op, y, shape)
         results = (("serial", serial), ("parallel", res.x0), ("baseline", base))
         per_image = {key: [quality(x, t) for x, t in zip(batch, truth)] for key, batch in results}
@@ -535,8 +543,7 @@ def generation_row(model, schedule, shape, args, reporter: Reporter):
     t_serial = time.perf_counter() - t0
     bar.close()
     bar = RoundProgress(reporter, "generate parallel", args.steps)
-    res = dq.solve(model, chain, x_T, solver=args.solver, tol=args.tol, window=args.window,
-                   callback=bar)
+    res = dq.solve(model, chain, x_T, callback=bar, **solve_options(args))
     bar.close()
     nan = float("nan")
     diff = (res.x0 - serial).abs().max().item()
@@ -610,18 +617,10 @@ def device_lines() -> List[Tuple[str, str]]:
 
 
 def backend_lines() -> List[Tuple[str, str]]:
-    """The hot operations' backends: which exist, which one each device gets. Kernel work
-    adds its ops here."""
-    from .ops import scan
-    lines = [("scan backends", ", ".join(scan.BACKENDS)),
-             ("DEQIR_FAST_BACKEND", os.environ.get("DEQIR_FAST_BACKEND", "unset (auto)"))]
-    for device in devices():
-        try:
-            chosen = scan.scan_backend(torch.zeros(1, device=device))
-        except (ValueError, TypeError, RuntimeError) as exc:
-            chosen = f"error: {exc}"
-        lines.append((f"scan on {device}", chosen))
-    return lines
+    """The hot operations' backends: which exist, which one each device gets and why
+    (``deqir_fast/ops/backends.py``)."""
+    from .ops import backends
+    return backends.info_lines(devices())
 
 
 def environment_lines() -> List[Tuple[str, str]]:
@@ -734,12 +733,20 @@ def add_solver_options(p) -> None:
     g = p.add_argument_group("parallel solve")
     g.add_argument("--solver", choices=tuple(SOLVERS), default=DEFAULT_SOLVER,
                    help="fixed-point solver of the parallel mode")
+    g.add_argument("--linearize", choices=LINEARIZATIONS, default=DEFAULT_LINEARIZE,
+                   help="Jacobian guess folded into each round's scan (docs/design.md §3a); "
+                        "none: the plain map")
     g.add_argument("--tol", type=non_negative_float, default=dq.api.DEFAULT_TOL,
                    help="stopping tolerance per step, in noise units (0: iterate to the exact "
                         "serial result)")
     g.add_argument("--window", type=positive_int, default=None, metavar="W",
                    help="steps evaluated per round (sliding window; bounds memory to W x batch "
                         "images per model call; default: all S steps)")
+
+
+def solve_options(args) -> dict:
+    """The keyword arguments of dq.solve that the parallel-solve options set."""
+    return dict(solver=args.solver, linearize=args.linearize, tol=args.tol, window=args.window)
 
 
 def add_run_options(p) -> None:
@@ -830,10 +837,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "devices torch sees and the kernel backends each would use.",
                        formatter_class=_HelpFormatter)
     i.add_argument("--verbose", action="store_true", help="show the traceback of an error")
+
+    from . import benchmark
+    b = sub.add_parser("bench", help="benchmark serial against parallel sampling: tables, JSON, "
+                                     "plots", description=benchmark.DESCRIPTION,
+                       epilog=benchmark.EXAMPLES, formatter_class=_HelpFormatter)
+    benchmark.add_bench_arguments(b)
+    add_run_options(b)
     return p
 
 
-COMMANDS = {"restore": run_restore, "demo": run_demo, "info": run_info}
+def run_bench(args) -> int:
+    from .benchmark import run_cli
+    return run_cli(args)
+
+
+COMMANDS = {"restore": run_restore, "demo": run_demo, "info": run_info, "bench": run_bench}
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -111,6 +111,9 @@ def test_convergence_takeaway_states_rounds():
     assert "3 to 9 rounds instead of 20" in figures.convergence_takeaway({"a": 3, "b": 9}, 20, "X")
     mixed = figures.convergence_takeaway({"a": 3, "b": 20, "c": 20}, 20, "X")
     assert "a in 3 rounds" in mixed and "the other 2 need all 20" in mixed
+    compared = figures.convergence_takeaway({"a": 3, "a, J = 0 (no linearisation)": 20}, 20, "X")
+    assert "every solve finishes in 3 rounds" in compared
+    assert "a without the linearised scan: 20" in compared
     assert figures.frozen_front(torch.tensor([[1.0, 1, 1], [np.nan, 1, 1], [np.nan, np.nan, 1]]),
                                 True) == [1, 2, 3]
 
