@@ -15,21 +15,39 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
-mkdir -p "$out"
+# Intermediate files go to RAW (the lent machine returns at most 8 files from OUT, so
+# gpu_check.json embeds them all; bench.md and one plot are copied next to it).
+raw="${RAW:-$out/raw}"
+mkdir -p "$out" "$raw"
 log="$out/gpu_check.log"
+# Every step's timeout is cut to what is left of DEADLINE_S (seconds from the start), so
+# the script ends, and writes its JSON, inside the lease's limit on one command.
+deadline="${DEADLINE_S:-540}"
 exec > >(tee "$log") 2>&1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 py="${PYTHON:-python3}"
-steps_json="$out/steps.jsonl"
+steps_json="$raw/steps.jsonl"
 : > "$steps_json"
 failed=0
 start_all=$(date +%s)
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  # wheels carried to a machine without a registry (diffusers for the UNet and the loop)
+  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/gpu_check_site .whl/*.whl && export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 # run NAME TIMEOUT_S CMD...: run a step under a timeout, record status and seconds.
 run() {
   local name="$1" limit="$2"; shift 2
-  local t0 rc
+  local t0 rc left
   t0=$(date +%s)
+  left=$(( deadline - (t0 - start_all) ))
+  if [ "$left" -lt 20 ]; then
+    echo "=== [$name] skipped: ${left}s left of DEADLINE_S=$deadline"
+    printf '{"step": "%s", "status": "skipped (deadline)", "exit": 0, "seconds": 0}\n' "$name" >> "$steps_json"
+    return 0
+  fi
+  [ "$limit" -le "$left" ] || limit="$left"
   echo
   echo "=== [$name] (timeout ${limit}s): $*"
   set +e
@@ -79,44 +97,53 @@ if ! "$py" -c "import sys; from deqir_fast.ops import native; st = native.status
   fi
 fi
 "$py" -m deqir_fast info 2>&1 | tail -12 || true
-cp deqir_fast/_native_build.json "$out/native_build.json" 2>/dev/null || true
+cp deqir_fast/_native_build.json "$raw/native_build.json" 2>/dev/null || true
 
+# Steps in order of value: each is cut short (or skipped) when DEADLINE_S runs out.
 # 2. the CUDA tests, for real: kernels vs the reference, solves on CUDA vs serial, the
-#    ring's CUDA kernels, CUDA-graph replay vs eager; then the CPU kernel tests again.
+#    ring's CUDA kernels, CUDA-graph replay vs eager.
 if "$py" -c "import pytest" 2>/dev/null; then
-  run tests_cuda 240 "$py" -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py \
-      tests/test_check_every.py -k "cuda or graph" --junitxml="$out/tests_cuda.xml"
-  run tests_kernels 180 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_anderson.py \
-      --junitxml="$out/tests_kernels.xml"
+  run tests_cuda 150 "$py" -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py \
+      tests/test_check_every.py -k "cuda or graph" --junitxml="$raw/tests_cuda.xml"
 else
   echo "pytest missing: tests skipped"
   printf '{"step": "tests", "status": "skipped (no pytest)", "exit": 0, "seconds": 0}\n' >> "$steps_json"
 fi
 
-# 3. timings: the fused round, torch eager vs CUDA C++ vs Triton, GB/s vs a D2D copy
-#    (S=100 at 3x256x256 and S=1000 at 3x64x64, B=1).
-run bench_round_256 120 "$py" bench/round.py --device cuda --shape 100x1x3x256x256 --repeats 10 \
-    --json "$out/round_256.json"
-run bench_round_64 120 "$py" bench/round.py --device cuda --shape 1000x1x3x64x64 --repeats 10 \
-    --json "$out/round_64.json"
+# 3. the fused round, torch eager vs CUDA C++ vs Triton, GB/s vs a D2D copy (S=100, 3x256x256)
+run bench_round_256 90 "$py" bench/round.py --device cuda --shape 100x1x3x256x256 --repeats 10 \
+    --json "$raw/round_256.json"
 
-# 4. solver overhead per round / one batched model call (S=100, 3x256x256, a 109M UNet)
+# 4. end to end on the bundled model: serial vs parallel (each peer), diffusers' loop,
+#    NVML telemetry (deqir-fast bench; S = 100, batch 1 and 8; then S = 1000, ours only)
+run bench_e2e 150 "$py" -m deqir_fast bench --device cuda --model bundled --chains DDIM,DDPM,DDRM,DDNM \
+    --steps 100 --batch 1,8 --repeats 3 --out "$raw/bench_e2e"
+run bench_e2e_1000 90 "$py" -m deqir_fast bench --device cuda --model bundled --chains DDIM,DDRM \
+    --steps 1000 --batch 1 --peers deqir_fast --repeats 2 --no-loops --out "$raw/bench_e2e_1000"
+
+# 5. solver overhead per round / one batched model call (S=100, 3x256x256, a 109M UNet)
 if "$py" -c "import diffusers" 2>/dev/null; then
-  run overhead 180 "$py" bench/round.py --device cuda --overhead --overhead-steps 100 --rounds 4 \
-      --repeats 3 --json "$out/overhead.json"
+  run overhead 120 "$py" bench/round.py --device cuda --overhead --overhead-steps 100 --rounds 4 \
+      --repeats 3 --json "$raw/overhead.json"
 else
   printf '{"step": "overhead", "status": "skipped (no diffusers)", "exit": 0, "seconds": 0}\n' >> "$steps_json"
 fi
 
-# 5. CUDA-graph replay vs eager
-run graphs 120 "$py" bench/round.py --device cuda --graphs --repeats 3 --json "$out/graphs.json"
+# 6. CUDA-graph replay vs eager; the round at S=1000, 3x64x64; the kernel tests on this CPU
+run graphs 90 "$py" bench/round.py --device cuda --graphs --repeats 3 --json "$raw/graphs.json"
+run bench_round_64 60 "$py" bench/round.py --device cuda --shape 1000x1x3x64x64 --repeats 10 \
+    --json "$raw/round_64.json"
+if "$py" -c "import pytest" 2>/dev/null; then
+  run tests_kernels 120 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_anderson.py \
+      --junitxml="$raw/tests_kernels.xml"
+fi
 
-# 6. one JSON
-"$py" - "$out" <<'EOF'
-import json, sys, pathlib, platform
-out = pathlib.Path(sys.argv[1])
+# 7. one JSON (the lent machine returns few files: everything goes into it)
+"$py" - "$out" "$raw" <<'EOF'
+import json, shutil, sys, pathlib, platform
+out, raw = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 def load(name):
-    p = out / name
+    p = raw / name
     try:
         return json.loads(p.read_text())
     except Exception as exc:
@@ -124,10 +151,14 @@ def load(name):
 import torch
 doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
        "python": platform.python_version(),
-       "steps": [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()],
+       "steps": [json.loads(l) for l in (raw / "steps.jsonl").read_text().splitlines() if l.strip()],
        "native_build": load("native_build.json"),
        "fused_round_S100_256": load("round_256.json"), "fused_round_S1000_64": load("round_64.json"),
-       "overhead": load("overhead.json"), "cuda_graphs": load("graphs.json")}
+       "overhead": load("overhead.json"), "cuda_graphs": load("graphs.json"),
+       "bench_e2e": load("bench_e2e/bench.json"), "bench_e2e_1000": load("bench_e2e_1000/bench.json")}
+for name in ("bench_e2e/bench.md", "bench_e2e_1000/bench.md", "bench_e2e/bench_time.png", "tests_cuda.xml"):
+    if (raw / name).exists() and raw != out:
+        shutil.copyfile(raw / name, out / name.replace("/", "_"))
 goals = {}
 rows = doc["fused_round_S100_256"] if isinstance(doc["fused_round_S100_256"], list) else []
 for r in rows:

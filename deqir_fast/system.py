@@ -8,6 +8,7 @@ only on states before i.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -21,12 +22,45 @@ from .ops.fused_round import fused_round, step_table, window_coefficients
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@contextlib.contextmanager
+def ieee_float32(device: torch.device, allow_tf32: bool = False):
+    """Run float32 matmuls and convolutions in IEEE float32 on CUDA (no TF32) unless
+    ``allow_tf32``. TF32 rounds inputs to 10 mantissa bits and its kernels depend on the
+    batch, so a state evaluated in a batch of W*B differs from the same state evaluated
+    alone by ~1e-3, and DDIM's chain amplifies that: measured on an H200 (bundled
+    model, DDIM-100, bench/RESULTS.md §11) parallel vs serial max|x0 diff| was 1.2e-2
+    (B=1) and 3.2e-2 (B=8) with TF32, 2.9e-4 and 8.1e-5 without. ``converged=True``
+    promises the serial answer, so TF32 is off inside the model calls by default.
+    The flags are process-wide: they are restored on exit."""
+    if allow_tf32 or device.type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        # torch >= 2.9: the new API (mixing it with allow_tf32 raises on later reads)
+        saved = matmul.fp32_precision, conv.fp32_precision
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+    else:
+        saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def call_model(model: Model, x: torch.Tensor, t: torch.Tensor, first_step: int,
-               batch: int, check_finite: bool = True) -> torch.Tensor:
+               batch: int, check_finite: bool = True, allow_tf32: bool = False) -> torch.Tensor:
     """eps = model(x, t), checked: same shape as x and (with ``check_finite``) finite,
     naming the failing step. The parallel solver checks finiteness itself, through
-    the residuals it reads back anyway."""
-    e = model(x, t)
+    the residuals it reads back anyway. No TF32 on CUDA unless ``allow_tf32``
+    (``ieee_float32``)."""
+    with ieee_float32(x.device, allow_tf32):
+        e = model(x, t)
     if hasattr(e, "sample") and not isinstance(e, torch.Tensor):   # diffusers output
         e = e.sample
     if not isinstance(e, torch.Tensor):
@@ -44,8 +78,10 @@ def call_model(model: Model, x: torch.Tensor, t: torch.Tensor, first_step: int,
 class ChainSystem:
     """F restricted to a window of steps, plus what the solvers need to know."""
 
-    def __init__(self, model: Model, chain: Chain, coeffs: StepCoefficients):
+    def __init__(self, model: Model, chain: Chain, coeffs: StepCoefficients,
+                 allow_tf32: bool = False):
         self.model = model
+        self.allow_tf32 = allow_tf32
         self.chain = chain
         self.coeffs = coeffs
         self.batch = coeffs.u0.shape[0]
@@ -79,7 +115,7 @@ class ChainSystem:
         W, B = U.shape[:2]
         x = self.chain.from_basis(U.reshape(W * B, *U.shape[2:]))
         t = self.timesteps[lo:lo + W].repeat_interleave(B)
-        e = call_model(self.model, x, t, lo, B, check_finite)
+        e = call_model(self.model, x, t, lo, B, check_finite, self.allow_tf32)
         return self.chain.to_basis(e).view_as(U)
 
     def inputs(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
