@@ -119,20 +119,9 @@ class Linearization:
             self._prev_U = U.new_zeros((S, *U.shape[1:]))
             self._prev_E = E.new_zeros((S, *E.shape[1:]))
             self._seen = torch.zeros(S, dtype=torch.bool, device=U.device)
-        seen = self._seen[lo:hi]
-        if bool(seen.any()):
-            dU = U - self._prev_U[lo:hi]
-            dE = E - self._prev_E[lo:hi]
-            num = self._class_sums(dU * dE, lo, hi)               # [W, B, K]
-            den = self._class_sums(dU * dU, lo, hi)
-            scale = U.flatten(2).pow(2).sum(-1, keepdim=True) * _MIN_RELATIVE_MOVE ** 2
-            moved = (den > scale) & seen.view(-1, 1, 1)
-            slope = torch.minimum((num / torch.where(moved, den, torch.ones_like(den))).clamp_min(0),
-                                  self.cap[lo:hi])
-            self.slopes[lo:hi] = torch.where(moved, slope, self.slopes[lo:hi])
-        self._prev_U[lo:hi] = U
-        self._prev_E[lo:hi] = E
-        self._seen[lo:hi] = True
+        if bool(self._seen[lo:hi].any()):
+            self._refit(lo, hi, U, E)
+        self._record(lo, hi, U, E)
 
     def observe_static(self, lo: int, hi: int, U: torch.Tensor, E: torch.Tensor) -> None:
         """``observe`` without a host synchronisation, for a round captured in a CUDA
@@ -144,16 +133,23 @@ class Linearization:
         if self._prev_U is None:
             self.observe(lo, hi, U, E)
             return
-        seen = self._seen[lo:hi]
+        self._refit(lo, hi, U, E)
+        self._record(lo, hi, U, E)
+
+    def _refit(self, lo: int, hi: int, U: torch.Tensor, E: torch.Tensor) -> None:
+        """The secant slope per (step, batch item, class) from the last two rounds,
+        clamped to [0, cap]; kept where the state barely moved or was never seen."""
         dU = U - self._prev_U[lo:hi]
         dE = E - self._prev_E[lo:hi]
-        num = self._class_sums(dU * dE, lo, hi)
+        num = self._class_sums(dU * dE, lo, hi)               # [W, B, K]
         den = self._class_sums(dU * dU, lo, hi)
         scale = U.flatten(2).pow(2).sum(-1, keepdim=True) * _MIN_RELATIVE_MOVE ** 2
-        moved = (den > scale) & seen.view(-1, 1, 1)
+        moved = (den > scale) & self._seen[lo:hi].view(-1, 1, 1)
         slope = torch.minimum((num / torch.where(moved, den, torch.ones_like(den))).clamp_min(0),
                               self.cap[lo:hi])
         self.slopes[lo:hi] = torch.where(moved, slope, self.slopes[lo:hi])
+
+    def _record(self, lo: int, hi: int, U: torch.Tensor, E: torch.Tensor) -> None:
         self._prev_U[lo:hi] = U
         self._prev_E[lo:hi] = E
         self._seen[lo:hi] = True
