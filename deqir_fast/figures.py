@@ -141,7 +141,7 @@ def convergence_plot(traces: Dict[str, dict], path: Path, tol: float, label: str
                "apart by a fraction of a step.")
     fig.text(0.5, 0.01, "\n".join(textwrap.wrap(caption, 175)), ha="center", va="bottom",
              fontsize=7.5, color="0.25")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.10, 1, 0.95))
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 
