@@ -138,6 +138,15 @@ if "$py" -c "import pytest" 2>/dev/null; then
       --junitxml="$raw/tests_kernels.xml"
 fi
 
+# 6b. step sharding with nccl, only when several GPUs are visible (issue #14)
+ngpu="$("$py" -c "import torch; print(torch.cuda.device_count())")"
+if [ "$ngpu" -gt 1 ]; then
+  run sharding_nccl 90 "$py" -m torch.distributed.run --nproc-per-node "$ngpu" \
+      examples/sharded_solve.py --device cuda --steps 100
+else
+  printf '{"step": "sharding_nccl", "status": "skipped (%s GPU)", "exit": 0, "seconds": 0}\n' "$ngpu" >> "$steps_json"
+fi
+
 # 7. one JSON (the lent machine returns few files: everything goes into it)
 "$py" - "$out" "$raw" <<'EOF'
 import json, shutil, sys, pathlib, platform

@@ -2,6 +2,7 @@
 whole chain as one fixed-point system, in parallel)."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -74,7 +75,8 @@ def _draw_noise(chain: Chain, x_T, noise, generator, dtype):
     return noise.to(dtype)
 
 
-def _prepare(model, chain: Chain, x_T, noise, generator, with_grad: bool = False):
+def _prepare(model, chain: Chain, x_T, noise, generator, with_grad: bool = False,
+             allow_tf32: bool = False):
     if not isinstance(chain, Chain):
         raise TypeError(f"chain must be a deqir_fast chain (DDIM, DDRM, DDNM), "
                         f"got {type(chain).__name__}")
@@ -87,14 +89,14 @@ def _prepare(model, chain: Chain, x_T, noise, generator, with_grad: bool = False
     with torch.set_grad_enabled(with_grad):
         source = x_T if with_grad else x_T.detach()
         coeffs = chain.coefficients(source.to(dtype), noise if chain.needs_noise else None)
-    return ChainSystem(model, chain, coeffs), noise
+    return ChainSystem(model, chain, coeffs, allow_tf32=bool(allow_tf32)), noise
 
 
 def sample_serial(model: Model, chain: Chain, x_T: torch.Tensor,
                   noise: Optional[torch.Tensor] = None,
                   generator: Optional[torch.Generator] = None,
                   callback: Optional[Callable[[dict], None]] = None,
-                  return_states: bool = False):
+                  return_states: bool = False, allow_tf32: bool = False):
     """Run the sampler step by step (S model calls). Returns x0, or [S, *x_T.shape]
     states with ``return_states=True``.
 
@@ -102,12 +104,14 @@ def sample_serial(model: Model, chain: Chain, x_T: torch.Tensor,
     basis; with ``noise=None`` it is drawn from ``generator`` exactly as ``solve`` does.
     When ``x_T`` or the chain's ``y`` requires grad (and grad mode is on) the result is
     differentiable by plain autograd through the whole chain: the reference gradient.
+    On CUDA the model runs without TF32 unless ``allow_tf32`` (see ``solve``).
     """
     y = getattr(chain, "y", None)
     with_grad = torch.is_grad_enabled() and (
         (isinstance(x_T, torch.Tensor) and x_T.requires_grad) or (y is not None and y.requires_grad))
     with torch.set_grad_enabled(with_grad):
-        system, _ = _prepare(model, chain, x_T, noise, generator, with_grad=with_grad)
+        system, _ = _prepare(model, chain, x_T, noise, generator, with_grad=with_grad,
+                             allow_tf32=allow_tf32)
         U = system.serial(callback)
         states = chain.from_basis(U.flatten(0, 1)).view_as(U)
     return states if return_states else states[-1]
@@ -125,7 +129,8 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
           anderson_reg: float = 1e-4, anderson_damping: float = 1.0,
           callback: Optional[Callable[[dict], None]] = None, grad: str = "ift",
           grad_tol: float = DEFAULT_GRAD_TOL, phantom_steps: int = 5, phantom_damping: float = 0.5,
-          check_every: int = 1, cuda_graph: bool = False,
+          check_every: int = 1, cuda_graph: bool = False, allow_tf32: bool = False,
+          process_group=None,
           ) -> SolveResult:
     """Solve the whole sampling chain as one fixed-point system, in parallel.
 
@@ -182,6 +187,19 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
         cuda_graph: on CUDA with ``check_every`` > 1 and the Picard solver, replay the
             rounds between two reads from a captured CUDA graph (falls back to eager
             rounds when the model cannot be captured; ``res.stats.graph_rounds``).
+        allow_tf32: let the model's float32 matmuls and convolutions use TF32 on CUDA.
+            Off by default: TF32 makes the model's output depend on the batch it runs
+            in, and the chain amplifies that past one grey level (H200, DDIM-100:
+            1.2e-2 from serial with TF32, 2.9e-4 without; bench/RESULTS.md §11), so
+            ``converged`` could not promise the serial answer. The flags are set only
+            inside the model calls and restored after.
+        process_group: shard the steps across the ranks of a ``torch.distributed``
+            group (gloo on CPU, nccl on CUDA; e.g. under ``torchrun``): each rank runs the
+            model on its block of the window and exchanges O(1) states per round
+            (``deqir_fast.distributed``). Every rank calls ``solve`` with the same
+            arguments and gets the same result (x0, states, stats; the rank's own
+            accounting in ``res.stats.sharding``). A ``ShardConfig`` sets the timeout
+            and rebalancing. An error on any rank raises ``ShardError`` on every rank.
     """
     check_solver(solver)
     check_linearize(linearize)
@@ -198,7 +216,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
     check_positive_int("history", history)
     check_positive_int("check_every", check_every)
     start = time.perf_counter()
-    system, noise = _prepare(model, chain, x_T, noise, generator)
+    system, noise = _prepare(model, chain, x_T, noise, generator, allow_tf32=allow_tf32)
     u0 = system.coeffs.u0
     S = chain.num_steps
     extra_nfe = 0
@@ -216,18 +234,26 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             X = chain.to_basis(init.detach().to(u0).flatten(0, 1)).view(S, *u0.shape).clone()
         solve_kw = dict(solver=solver, history=history, anderson_reg=anderson_reg,
                         anderson_damping=anderson_damping)
-        X, stats = fixed_point_solve(system, X, linearize=linearize, tol=float(tol),
-                                     floor=float(floor), freeze_ratio=float(freeze_ratio),
-                                     max_iter=max_iter, window=window,
-                                     callback=callback, initial_nfe=extra_nfe,
-                                     check_every=check_every, cuda_graph=bool(cuda_graph),
-                                     **solve_kw)
+        if process_group is not None:
+            from .distributed import sharded_fixed_point_solve
+            solve_fn = functools.partial(sharded_fixed_point_solve, process_group=process_group)
+        else:
+            solve_fn = fixed_point_solve
+        X, stats = solve_fn(system, X, linearize=linearize, tol=float(tol),
+                            floor=float(floor), freeze_ratio=float(freeze_ratio),
+                            max_iter=max_iter, window=window,
+                            callback=callback, initial_nfe=extra_nfe,
+                            check_every=check_every, cuda_graph=bool(cuda_graph),
+                            **solve_kw)
         lin = stats.linearization
         solve_kw.update(linearize=linearize, window=window,
                         forward_jacobian=lin.jacobian if lin.active else None)
         states = chain.from_basis(X.flatten(0, 1)).view_as(X)
     params = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
     handle = _Handle(system, X, states[-1], x_T, noise, params, dict(solve_kw, tol=grad_tol))
+    if process_group is not None:         # its backward shards the adjoint the same way
+        from .distributed import shard_handle
+        handle = shard_handle(handle, process_group)
     x0 = states[-1]
     y = getattr(chain, "y", None)
     if torch.is_grad_enabled() and (x_T.requires_grad or (y is not None and y.requires_grad)):

@@ -153,22 +153,28 @@ def adjoint_gradients(system: ChainSystem, X: torch.Tensor, grad_x0: torch.Tenso
     out["params"] = adj.param_grads(lam, window or system.num_steps)
     # Honest cost: every VJP needed a forward pass of the model on the same batch.
     out["model_calls"] = adj.model_calls
-    # x_T and y enter through u_0 and R only: autograd through their construction.
+    out.update(input_gradients(chain, lam, x_T, noise, y, X.dtype))
+    return out
+
+
+def input_gradients(chain, lam: torch.Tensor, x_T: torch.Tensor, noise, y, dtype) -> dict:
+    """{"x_T": dL/dx_T, "y": dL/dy} from the adjoint states λ (None where the input
+    does not require grad). x_T and y enter through u_0 and R only: autograd through
+    their construction."""
     y = chain_y(chain) if y is None else y
     leaves = [t for t in (x_T, y) if t is not None and t.requires_grad]
     grads = {}
     if leaves:
         with torch.enable_grad():
-            coeffs = chain.coefficients(x_T.to(X.dtype), noise, y)
+            coeffs = chain.coefficients(x_T.to(dtype), noise, y)
             outs, cots = [coeffs.u0], [lam[0]]
             if coeffs.R is not None and coeffs.R.requires_grad:
                 outs.append(coeffs.R)
                 cots.append(_reduce_like(lam[1:], coeffs.R))
             g = torch.autograd.grad(outs, leaves, grad_outputs=cots, allow_unused=True)
         grads = dict(zip([id(t) for t in leaves], g))
-    out["x_T"] = _or_zeros(grads.get(id(x_T)), x_T) if x_T.requires_grad else None
-    out["y"] = (_or_zeros(grads.get(id(y)), y) if y is not None and y.requires_grad else None)
-    return out
+    return {"x_T": _or_zeros(grads.get(id(x_T)), x_T) if x_T.requires_grad else None,
+            "y": _or_zeros(grads.get(id(y)), y) if y is not None and y.requires_grad else None}
 
 
 def chain_y(chain) -> Optional[torch.Tensor]:

@@ -150,6 +150,46 @@ class SolverStats:
         return torch.stack(self.residuals)
 
 
+
+def guard_tripped(r: torch.Tensor, prev_row: Optional[torch.Tensor], lo: int, hi: int) -> bool:
+    """The linearisation guard: this round's largest residual grew more than GUARD_GROWTH
+    times over last round's, on the steps both rounds measured."""
+    if prev_row is None:
+        return False
+    seen = prev_row[lo:hi]
+    both = torch.isfinite(seen)
+    return bool(both.any()) and float(r[both].max()) > GUARD_GROWTH * float(seen[both].max())
+
+
+def record_round(stats: "SolverStats", r: torch.Tensor, lo: int, hi: int, S: int) -> torch.Tensor:
+    """Count the round in ``stats`` and append its residual row ([S], NaN outside the
+    window); returns the row."""
+    stats.iterations += 1
+    stats.nfe += hi - lo
+    row = torch.full((S,), float("nan"), dtype=torch.float64)
+    row[lo:hi] = r
+    stats.residuals.append(row)
+    return row
+
+
+def steps_to_freeze(r: torch.Tensor, tol: float, freeze_ratio: float) -> int:
+    """How many leading steps of the window freeze at F(X) after a round with residuals r.
+
+    All of them when every step meets tol (the window is accepted). Else the leading
+    steps whose inputs are exact: F(X)[j] is exact when every input before it was (the
+    window's first input is frozen), i.e. within tol * freeze_ratio once the residuals
+    of the steps before j are. A step's own small residual proves nothing: an iterate
+    can be consistent with a wrong input. At least one step freezes per round."""
+    W = r.shape[0]
+    if bool((r <= tol).all()):
+        return W
+    met = r <= tol * freeze_ratio
+    n_done = 1
+    while n_done < W and bool(met[n_done - 1]):
+        n_done += 1
+    return n_done
+
+
 def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
                       linearize: str = "secant", tol: float = 3e-3, floor: float = 0.1,
                       max_iter: Optional[int] = None, window: Optional[int] = None,
@@ -211,32 +251,11 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             if lin.active:
                 lin.disable()
                 stats.guard_fallback = True
-        elif lin.active and prev_r is not None:
-            seen = prev_r[lo:hi]
-            both = torch.isfinite(seen)
-            if bool(both.any()) and float(r[both].max()) > GUARD_GROWTH * float(seen[both].max()):
-                lin.disable()
-                stats.guard_fallback = True
-        stats.iterations += 1
-        stats.nfe += hi - lo
-        row = torch.full((S,), float("nan"), dtype=torch.float64)
-        row[lo:hi] = r
-        stats.residuals.append(row)
-        prev_r = row
-
-        if bool((r <= tol).all()):
-            # Every active step meets tol: the window is accepted at F(X).
-            n_done = hi - lo
-        else:
-            # Freeze the leading steps at their F(X) values: F(X)[j] is exact when every
-            # input before it was (step lo's input is frozen), i.e. within
-            # tol * freeze_ratio once the residuals of steps lo..j-1 are. A step's own
-            # small residual proves nothing: an iterate can be consistent with a wrong
-            # input. At least one step freezes per round.
-            met = r <= tol * freeze_ratio
-            n_done = 1
-            while n_done < hi - lo and bool(met[n_done - 1]):
-                n_done += 1
+        elif lin.active and guard_tripped(r, prev_r, lo, hi):
+            lin.disable()
+            stats.guard_fallback = True
+        row = prev_r = record_round(stats, r, lo, hi, S)
+        n_done = steps_to_freeze(r, tol, freeze_ratio)
         if n_done < hi - lo:
             if G is None and update.uses_residual:
                 G = FX - X[lo:hi]

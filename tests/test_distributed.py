@@ -1,0 +1,256 @@
+"""Step sharding across processes (issue #14): gloo on CPU, 2 and 3 ranks.
+
+Each test starts its ranks as subprocesses of this file (``--worker``) on a free port and
+waits for them with a hard timeout, so a hang fails the test instead of CI. One launch
+runs a whole grid of cases: every rank solves each case sharded and alone, and rank 0
+writes the comparison to a JSON file the test reads.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LAUNCH_TIMEOUT = 90            # seconds for a whole launch (they take ~5-15 s)
+
+# (kind, op, S, window, linearize, rebalance[, max_iter]); S = 7 and 11 divide by neither 2 nor 3
+CASES = [
+    ("ddim_eta", None, 11, None, "secant", True),
+    ("ddim", None, 11, 4, "secant", True),
+    ("ddrm", "inpainting", 11, None, "secant", True),
+    ("ddrm", "inpainting", 7, 5, "secant", False),
+    ("ddnm", "sr", 11, None, "secant", False),
+    ("ddnm", "sr", 11, 5, "secant", True),
+    ("ddrm", "sr", 7, None, "paradigms", True),
+    ("ddnm", "inpainting", 7, 3, "none", True),
+    ("ddim_eta", None, 7, None, "gaussian", False),
+    ("ddrm", "inpainting", 11, 4, "secant", True, 3),      # stopped by max_iter mid-window
+]
+SOLVERS = ("picard", "anderson", "triangular_anderson")
+# Which cases each world size runs: each covers all three chains, every solver, window
+# on and off and both splits; together every case (the file stays within a minute on a
+# 2-core machine)
+CASES_BY_WORLD = {2: [1, 2, 5, 8], 3: [0, 3, 4, 5, 6, 7, 9]}
+GRAD_CASES = [("ddrm", "inpainting", "picard", None), ("ddnm", "sr", "triangular_anderson", 4)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, mode: str, out: str, extra=()):
+    """Run ``world`` worker ranks; returns (returncodes, stderrs, seconds)."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + HERE)
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port),
+                               mode, out, *extra], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    t0 = time.perf_counter()
+    errs, codes = [], []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, LAUNCH_TIMEOUT - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            for q in procs:              # only the processes this test started
+                q.kill()
+            pytest.fail(f"distributed launch ({mode}, world {world}) hung past {LAUNCH_TIMEOUT} s")
+        errs.append(err)
+        codes.append(p.returncode)
+    return codes, errs, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """One launch per world size (process start-up dominates on a small machine): the
+    parity grid, then with 3 ranks the failure scenario (rank 1 raises)."""
+    out = {}
+    for world, mode in ((2, "parity"), (3, "parity+raise")):
+        path = str(tmp_path_factory.mktemp(f"w{world}") / "res.json")
+        codes, errs, seconds = launch(world, mode, path)
+        out[world] = (codes, errs, seconds, path)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_equals_single_process(world, launches):
+    codes, errs, _, out = launches[world]
+    assert os.path.exists(out), "\n".join(errs)
+    rows = json.load(open(out))
+    n = len(CASES_BY_WORLD[world]) * len(SOLVERS)
+    assert len(rows) == n + len(GRAD_CASES) + 1
+    checks = rows.pop()["checks"]
+    assert checks["device"].startswith("ValueError") and "gloo" in checks["device"], checks
+    assert checks["check_every"].startswith("ValueError") and "check_every" in checks["check_every"]
+    assert checks["group type"].startswith("TypeError"), checks
+    for row in rows[n:]:
+        assert row["x_T_err"] <= 1e-10 and row["param_err"] <= 1e-10, row
+    for row in rows[:n]:
+        assert row["iters"] == row["iters_ref"], row
+        assert row["nfe"] == row["nfe_ref"], row
+        assert row["converged"] == row["converged_ref"], row
+        assert row["states_err"] <= 1e-10, row          # every state, not only x0
+        assert row["x0_err"] <= 1e-10, row
+        assert row["same_on_ranks"], row
+        assert row["residuals_equal"], row
+    if world == 2:
+        assert codes == [0, 0], "\n".join(errs)
+
+
+def test_error_on_one_rank_reaches_every_rank(launches):
+    codes, errs, seconds, _ = launches[3]
+    assert codes == [3, 3, 3], "\n".join(errs)
+    for err in errs:
+        assert "ShardError" in err and "rank 1 raised RuntimeError: boom at step" in err, err
+        # promptly: within the round it happened in, not after the 20 s timeout
+        assert float(err.rsplit("after ", 1)[1].split(" s")[0]) < 5, err
+
+
+def test_stuck_rank_times_out(tmp_path):
+    """A rank that never reaches the next collective: the others give up after the
+    configured timeout with a ShardError instead of hanging."""
+    out = str(tmp_path / "stuck.json")
+    codes, errs, seconds = launch(2, "stuck", out)
+    assert codes[0] == 4, errs[0]
+    assert "timed out" in errs[0]
+    assert seconds < 60
+
+
+def test_bad_process_group_arguments():
+    import deqir_fast as dq
+    from deqir_fast.distributed import ShardConfig, resolve
+    with pytest.raises(ValueError, match="not initialised"):
+        resolve(object())
+    model, chain, x_T = _problem("ddim", None, 5, None)
+    with pytest.raises(ValueError, match="not initialised"):
+        dq.solve(model, chain, x_T, process_group=ShardConfig())
+
+
+# -- the worker -----------------------------------------------------------------------------
+
+def _problem(kind, op, S, seed):
+    import torch
+    import deqir_fast as dq
+    from conftest import make_problem
+    sched = dq.Schedule.linear(1000, beta_start=1e-4, beta_end=0.02)
+    return make_problem(sched, kind, op, S, 2, 0.1 if kind == "ddrm" else 0.0,
+                        seed=S + (seed or 0))
+
+
+def _worker(rank, world, port, mode, out):
+    import datetime
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    import deqir_fast as dq
+    from deqir_fast.distributed import ShardConfig, ShardError
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        if mode.startswith("parity"):
+            rows = []
+            cases = [CASES[i] for i in CASES_BY_WORLD.get(world, range(len(CASES)))]
+            for kind, op, S, window, lin, reb, *max_iter in cases:
+                for solver in SOLVERS:
+                    model, chain, x_T = _problem(kind, op, S, None)
+                    kw = dict(solver=solver, linearize=lin, tol=1e-9, window=window,
+                              max_iter=max_iter[0] if max_iter else None)
+                    ref = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(3),
+                                   **kw)
+                    res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(3),
+                                   process_group=ShardConfig(rebalance=reb, timeout=30), **kw)
+                    scale = ref.states.abs().max().item()
+                    allx = [torch.empty_like(res.states) for _ in range(world)]
+                    dist.all_gather(allx, res.states.contiguous())
+                    rr, rs = ref.residuals, res.residuals
+                    rows.append(dict(
+                        case=[kind, op, S, window, lin, reb, solver],
+                        iters=res.iterations, iters_ref=ref.iterations, nfe=res.nfe,
+                        nfe_ref=ref.nfe, converged=res.converged, converged_ref=ref.converged,
+                        states_err=(res.states - ref.states).abs().max().item() / scale,
+                        x0_err=(res.x0 - ref.x0).abs().max().item() / scale,
+                        same_on_ranks=all(torch.equal(x, res.states) for x in allx),
+                        residuals_equal=bool(rr.shape == rs.shape and torch.equal(rr.isnan(), rs.isnan())
+                                             and torch.allclose(rr.nan_to_num(), rs.nan_to_num(),
+                                                                rtol=1e-6, atol=1e-12)),
+                        rebalances=res.stats.sharding.rebalances))
+            # the implicit-gradient backward (grad="ift"), sharded the same way
+            for kind, op, solver, window in GRAD_CASES:
+                model, chain, x_T = _problem(kind, op, 11, None)
+                got = []
+                for pg in (None, ShardConfig(timeout=30)):
+                    x = x_T.clone().requires_grad_(True)
+                    model.means.grad = None
+                    res = dq.solve(model, chain, x, generator=torch.Generator().manual_seed(3),
+                                   solver=solver, tol=1e-9, grad_tol=1e-9, window=window,
+                                   process_group=pg)
+                    w = torch.linspace(-1, 1, res.x0.numel(), dtype=res.x0.dtype).view_as(res.x0)
+                    (res.x0 * w).sum().backward()
+                    got.append((x.grad.clone(), model.means.grad.clone()))
+                (gx, gp), (sx, sp) = got
+                rows.append(dict(case=["grad", kind, op, solver, window],
+                                 x_T_err=((sx - gx).abs().max() / gx.abs().max()).item(),
+                                 param_err=((sp - gp).abs().max() / gp.abs().max()).item()))
+            # bad input: a device the backend cannot move, options a sharded solve lacks
+            from deqir_fast.distributed import check_device
+            model, chain, x_T = _problem("ddim", None, 5, None)
+            checks = {}
+            for name, call in (
+                    ("device", lambda: check_device(dist.group.WORLD, torch.device("meta"))),
+                    ("check_every", lambda: dq.solve(model, chain, x_T, check_every=2,
+                                                     process_group=dist.group.WORLD)),
+                    ("group type", lambda: dq.solve(model, chain, x_T, process_group="gloo"))):
+                try:
+                    call()
+                    checks[name] = "no error"
+                except (ValueError, TypeError) as e:
+                    checks[name] = f"{type(e).__name__}: {e}"
+            rows.append(dict(case=["checks"], checks=checks))
+            if rank == 0:
+                json.dump(rows, open(out, "w"))
+        if mode.endswith("raise"):
+            model, chain, x_T = _problem("ddim", None, 11, None)
+
+            def bad(x, t):
+                if rank == 1 and int(t.min()) < 500:
+                    raise RuntimeError(f"boom at step t={int(t.min())}")
+                return model(x, t)
+            t0 = time.perf_counter()
+            try:
+                dq.solve(bad, chain, x_T, process_group=ShardConfig(timeout=20), tol=1e-9,
+                         init="x_T")
+            except ShardError as e:
+                print(f"ShardError: {e}\nafter {time.perf_counter() - t0:.3f} s", file=sys.stderr)
+                sys.exit(3)
+        elif mode == "stuck":
+            model, chain, x_T = _problem("ddim", None, 7, None)
+
+            def slow(x, t):
+                if rank == 1:
+                    time.sleep(3)
+                return model(x, t)
+            try:
+                dq.solve(slow, chain, x_T, process_group=ShardConfig(timeout=1.5), tol=1e-9,
+                         init="x_T")
+            except ShardError as e:
+                print(f"ShardError: {e}", file=sys.stderr)
+                if rank == 0:
+                    os._exit(4)          # the group is unusable after a timeout
+                sys.exit(4)
+            if rank == 1:
+                os._exit(0)
+    finally:
+        if dist.is_initialized() and mode == "parity":
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    sys.path.insert(0, HERE)
+    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
