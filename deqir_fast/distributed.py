@@ -509,10 +509,8 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
             if Wk and comm.failed is None and FX is not None:
                 try:
                     ring.push(a, b, X[a:b], FX=FX)
-                    new = ring.mix_with(a, b, reg=upd.reg, damping=upd.damping, prefix=prefix,
-                                        offset_fn=offset_fn, out=X[a:b])
-                    if a == lo:
-                        new[0] = FX[0]             # the first active step's input is exact
+                    ring.mix_with(a, b, reg=upd.reg, damping=upd.damping, prefix=prefix,
+                                  offset_fn=offset_fn, out=X[a:b])
                 except Exception as e:             # noqa: BLE001
                     comm.failed = e
                     if prefix and not offset_fn.state["called"]:

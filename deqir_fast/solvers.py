@@ -110,10 +110,9 @@ class Anderson(Update):
         self.ring.push(self.lo, self.lo + W, X, FX=FX)
         # The ring holds copies of the entries, so the mix can overwrite X in place
         # (one stacked state less at the peak; bench/round.py --memory).
-        new = self.ring.mix(self.lo, self.lo + W, reg=self.reg, damping=self.damping,
-                            prefix=self.prefix, out=X)
-        new[0] = FX[0]                  # the first active step's input is exact
-        return new
+        # (The first active step needs no special case: it always freezes at F(X).)
+        return self.ring.mix(self.lo, self.lo + W, reg=self.reg, damping=self.damping,
+                             prefix=self.prefix, out=X)
 
     def drop(self, n):
         self.lo += n

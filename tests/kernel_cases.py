@@ -102,4 +102,8 @@ GRID = [
                   eta=0.0)),
     ("ddnm", dict(S=40, lo=10, hi=40, B=1, item=(1, 9, 7), sigma_y=0.1, slopes="class",
                   s_kind="broadcast", ybar="shared")),
+    # ȳ shared across a batch of 3 (batch stride 0): a kernel reading ȳ at the per-item
+    # stride passes every case above (B = 1 wherever ȳ is shared) and fails here
+    ("ddrm", dict(S=16, lo=0, hi=16, B=3, item=(2, 5, 6), eta_b=0.5, sigma_y=0.1, slopes="item",
+                  ybar="shared")),
 ]

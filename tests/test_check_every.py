@@ -70,6 +70,22 @@ def test_default_tolerance_within_one_grey_level_every_4(schedule):
     assert (res.x0 - serial).abs().max().item() < 2 / 255
 
 
+def test_scripted_stop_and_freeze_rules_on_the_device():
+    """The device-side rules on scripted residuals (tests/test_solvers.py's fake system):
+    a step at exactly tol meets it, one 0.1% over does not; steps that met 5% of tol do
+    not freeze (the freeze level is tol/100), so the window slides by the one step per
+    round that always freezes."""
+    from test_solvers import TOL, run
+    script = [[TOL] * 5 + [TOL * 1.001], [TOL * 0.05] * 5 + [1.0], [0.0] * 6]
+    windows, stats, _ = run(script, TOL, check_every=2)
+    # (the rounds between two reads all run: the fourth finds the window already frozen)
+    assert windows == [(0, 6), (0, 6), (2, 6), (2, 6)] and stats.converged
+    # a read-back row marks the steps frozen before its round with NaN
+    assert torch.isnan(stats.residual_trace[1]).tolist() == [True] + [False] * 5
+    windows, stats, _ = run([[TOL] * 6, [1.0] * 6], TOL, check_every=2)
+    assert stats.converged and torch.isnan(stats.residual_trace[1]).all()   # met at once
+
+
 def test_check_every_is_validated(schedule):
     model, chain, x_T = make_problem(schedule, "ddim", None, 4, 1)
     with pytest.raises(ValueError, match="check_every must be >= 1"):

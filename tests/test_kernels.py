@@ -246,6 +246,29 @@ def test_a_kernel_that_fails_validation_is_demoted(monkeypatch):
 
 
 @needs_native
+def test_a_kernel_wrong_only_across_steps_is_caught_on_the_first_window(monkeypatch):
+    """A one-step call (the serial sampler's) never reads step i+1's inputs: validation
+    runs again on the first window of several steps, where such a kernel is wrong."""
+    monkeypatch.delenv("DEQIR_FAST_BACKEND", raising=False)
+    real = native.fused_round_native
+
+    def wrong_after_the_first_step(*args):
+        out, res = real(*args)
+        out = out.clone()
+        out[1:] += 1e-2
+        return out, res
+    monkeypatch.setattr(native, "fused_round_native", wrong_after_the_first_step)
+    one = make_case("ddim", S=8, lo=3, hi=4, B=2, item=(3, 5, 7), seed=2, eta=0.5)
+    call(fused_round, one)
+    assert backends.choose(torch.device("cpu"))[0] == "native"     # passed: one step
+    window = make_case("ddim", S=8, lo=0, hi=8, B=2, item=(3, 5, 7), seed=3, eta=0.5)
+    out = call(fused_round, window)
+    assert torch.equal(out[0], call(fused_round_reference, window)[0])
+    name, why = backends.choose(torch.device("cpu"))
+    assert name == "torch" and "failed validation" in why
+
+
+@needs_native
 def test_cli_info_lists_backends(monkeypatch):
     from deqir_fast.cli import backend_lines
     monkeypatch.delenv("DEQIR_FAST_BACKEND", raising=False)

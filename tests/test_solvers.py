@@ -91,6 +91,31 @@ def test_steps_within_tol_but_above_the_freeze_level_do_not_freeze():
     assert windows[:2] == [(0, 7), (1, 7)]
 
 
+def test_the_default_freeze_level_is_a_hundredth_of_tol():
+    # Literal levels, not FREEZE_RATIO: a step that met 5% of tol (over tol/100, under
+    # tol/10) does not let the next one freeze; one that met 0.5% of tol does.
+    windows, _, _ = run([[TOL * 0.05] * 4 + [1.0] * 3, [0.0] * 7], TOL)
+    assert windows[:2] == [(0, 7), (1, 7)]
+    windows, _, _ = run([[TOL * 0.005] * 4 + [1.0] * 3, [0.0] * 7], TOL)
+    assert windows[:2] == [(0, 7), (5, 7)]
+
+
+def test_freezing_at_a_hundredth_of_tol_leaves_a_smaller_x0_error():
+    """On DDIM-100 (GMM, float64) the x0 error the default tolerance leaves scales with
+    the freeze level: measured 1.3e-6 at tol/100, 1.6e-5 at tol/10, 2.0e-4 at tol."""
+    schedule = dq.Schedule.linear(1000)
+    model, chain, x_T = make_problem(schedule, "ddim", None, 100, 2, shape=(3, 16, 16), seed=1)
+    serial = dq.sample_serial(model, chain, x_T)
+    err = {}
+    for ratio in (None, 0.1, 1.0):
+        kw = {} if ratio is None else {"freeze_ratio": ratio}
+        res = dq.solve(model, chain, x_T, **kw)
+        assert res.converged
+        err[ratio] = (res.x0 - serial).abs().max().item()
+    assert err[None] * 4 < err[0.1] and err[0.1] * 4 < err[1.0], err
+    assert err[None] < 1e-5, err
+
+
 def test_frozen_states_take_the_scan_value_and_the_window_slides_from_the_last_state():
     script = [[FREEZE, 0.5, 0.25, 1.0, 1.0], [0.0] * 5, [0.0] * 5]
     windows, stats, X = run(script, TOL, window=3)

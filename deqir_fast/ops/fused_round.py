@@ -373,11 +373,16 @@ def fused_round(sampler: str, table: torch.Tensor, E: torch.Tensor, U: torch.Ten
         from .triton_round import fused_round_triton
         out, res = fused_round_triton(*args)
     out = out.view(E.shape)
-    if chosen and backends.needs_validation(backend, E.device, sampler, E.dtype):
+    # Validated twice per (device, sampler, dtype): on a one-step call (the serial
+    # sampler's) and on the first window of several steps. A one-step window never
+    # reads step i+1's inputs, so a kernel indexing them wrongly passes it (seen in
+    # mutation testing: a C++ kernel reading the next step's noise).
+    vkey = f"{sampler}/{'window' if E.shape[0] > 1 else 'step'}"
+    if chosen and backends.needs_validation(backend, E.device, vkey, E.dtype):
         ref_out, ref_res = fused_round_reference(sampler, table, E, U, x_last, scale, s, ybar,
                                                  noise, slopes)
         ok, detail = _close(out, res, ref_out, ref_res, scale)
-        backends.record_validation(backend, E.device, sampler, E.dtype, ok, detail)
+        backends.record_validation(backend, E.device, vkey, E.dtype, ok, detail)
         if not ok:
             return ref_out, ref_res
     return out, res

@@ -1,0 +1,358 @@
+#!/usr/bin/env python
+"""Mutation check: plant one plausible solver bug at a time in a copy of the repository
+and run the test suite there; a mutant is *caught* when the suite fails.
+
+    python scripts/mutation_check.py                 # every mutant, table to stdout
+    python scripts/mutation_check.py --list          # ids and descriptions
+    python scripts/mutation_check.py --only freeze-ratio,ring-slot --keep
+    python scripts/mutation_check.py --baseline      # the unmutated copy must pass first
+    python scripts/mutation_check.py --json out.json --jobs 2
+    python scripts/mutation_check.py --from-head --overlay tests,scripts   # HEAD + your tests
+
+Each mutant is a text substitution (``old`` -> ``new``) in one file; ``old`` must occur
+exactly once (or ``count`` times), so a mutant that no longer matches the code fails
+loudly instead of silently testing nothing. The copy holds the working tree's tracked
+and untracked-but-not-ignored files plus the built native library
+(deqir_fast/_native_kernels*.so); a mutant in kernels/ rebuilds that library in the copy
+with CMake (about 30 s on 2 cores) and replaces the copy's. The suite runs as
+``python -m pytest -q -x -p no:cacheprovider`` in the copy with PYTHONPATH set to it
+(the script checks that the copy imports its own deqir_fast). Needs the project's venv.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    what: str                 # the planted bug, in words
+    file: str                 # relative to the repository root
+    old: str
+    new: str
+    count: int = 1            # occurrences of ``old`` replaced (all must exist)
+
+    @property
+    def extra(self) -> bool:
+        """Only run with --all (each uncaught mutant costs a full suite run, 1.5-4 min)."""
+        return self.id in EXTRA
+
+
+MUTANTS = [
+    # -- solvers.py: the update rules, the freeze and stop rules ----------------------------
+    Mutant("tri-as-plain", "triangular Anderson run as per-step Anderson (prefix flag ignored)",
+           "deqir_fast/solvers.py", "    prefix = True\n", "    prefix = False\n"),
+    Mutant("freeze-ratio", "freeze rule at 10x: FREEZE_RATIO 0.1 instead of 0.01",
+           "deqir_fast/solvers.py", "FREEZE_RATIO = 0.01", "FREEZE_RATIO = 0.1"),
+    Mutant("freeze-at-tol", "freeze threshold tol instead of tol * freeze_ratio",
+           "deqir_fast/solvers.py", "met = r <= tol * freeze_ratio", "met = r <= tol"),
+    Mutant("freeze-off-by-one", "freeze test looks at the step itself, not the one before",
+           "deqir_fast/solvers.py", "bool(met[n_done - 1])", "bool(met[n_done])"),
+    Mutant("stop-10tol", "stopping rule: converged when max r <= 10 tol",
+           "deqir_fast/solvers.py", "if bool((r <= tol).all()):", "if bool((r <= 10 * tol).all()):"),
+    Mutant("guard-off", "linearisation guard never fires (GUARD_GROWTH huge)",
+           "deqir_fast/solvers.py", "GUARD_GROWTH = 10.0", "GUARD_GROWTH = 1e30"),
+    Mutant("anderson-drop", "Anderson.drop does not shift its window origin (lo)",
+           "deqir_fast/solvers.py", "    def drop(self, n):\n        self.lo += n\n",
+           "    def drop(self, n):\n        pass\n"),
+    Mutant("window-enter-zero", "steps entering the window start from zero, not the last state",
+           "deqir_fast/solvers.py", "            X[hi:new_hi] = X[hi - 1]\n        update.drop(n_done)",
+           "            X[hi:new_hi] = 0\n        update.drop(n_done)"),
+    # -- solvers.py: the check_every path (device-side freeze counter) ---------------------
+    Mutant("ce-counter+1", "check_every: the device freeze counter one step ahead (2 + lead)",
+           "deqir_fast/solvers.py", "torch.maximum(1 + lead, frozen + 1)", "torch.maximum(2 + lead, frozen + 1)"),
+    Mutant("ce-counter-1", "check_every: the device freeze counter one step behind (lead)",
+           "deqir_fast/solvers.py", "torch.maximum(1 + lead, frozen + 1)", "torch.maximum(lead, frozen)"),
+    Mutant("ce-frozen-mask", "check_every: the first unfrozen step counted as met (pos <= frozen)",
+           "deqir_fast/solvers.py", "met = (r <= thr) | (pos < frozen)", "met = (r <= thr) | (pos <= frozen)"),
+    Mutant("ce-slide+1", "check_every: the window slides by f + 1",
+           "deqir_fast/solvers.py", "        new_lo = lo + f\n", "        new_lo = min(lo + f + 1, S - 1)\n"),
+    Mutant("ce-stop-10tol", "check_every: all-met test at 10 tol",
+           "deqir_fast/solvers.py", "torch.where((r <= tol).all()", "torch.where((r <= 10 * tol).all()"),
+    # -- ops/anderson.py: the ring buffer ---------------------------------------------------
+    Mutant("ring-slot", "AndersonRing.push overwrites the newest slot, not the oldest",
+           "deqir_fast/ops/anderson.py", "        p = self.count % self.m\n", "        p = (self.count - 1) % self.m\n"),
+    Mutant("ring-held-order", "AndersonRing.held lists the slots newest first",
+           "deqir_fast/ops/anderson.py", "for i in range(h)]", "for i in reversed(range(h))]"),
+    Mutant("ring-step-of", "AndersonRing records window-relative steps, not absolute ones",
+           "deqir_fast/ops/anderson.py", "% self.rows] = torch.arange(lo, hi)", "% self.rows] = torch.arange(hi - lo)"),
+    # -- linearize.py ------------------------------------------------------------------------
+    Mutant("secant-no-cap", "secant slope: upper clamp 1/sqrt(1-a) removed",
+           "deqir_fast/linearize.py",
+           "        slope = torch.minimum((num / torch.where(moved, den, torch.ones_like(den))).clamp_min(0),\n"
+           "                              self.cap[lo:hi])",
+           "        slope = (num / torch.where(moved, den, torch.ones_like(den))).clamp_min(0)"),
+    Mutant("secant-no-clamp", "secant slope: both clamps removed",
+           "deqir_fast/linearize.py",
+           "        slope = torch.minimum((num / torch.where(moved, den, torch.ones_like(den))).clamp_min(0),\n"
+           "                              self.cap[lo:hi])",
+           "        slope = num / torch.where(moved, den, torch.ones_like(den))"),
+    # -- chains.py / ops/fused_round.py: the DDRM cases ------------------------------------
+    Mutant("ddrm-etab-chain", "DDRM eta_b dropped from the case-3 noise term (chains.DDRM._k)",
+           "deqir_fast/chains.py", "(sy * eta_b * inv_s) ** 2", "(sy * inv_s) ** 2"),
+    Mutant("ddrm-etab-table", "DDRM eta_b dropped from the case-3 noise term (step_table)",
+           "deqir_fast/ops/fused_round.py", "T[:, C_SYEB] = sy * eta_b", "T[:, C_SYEB] = sy"),
+    Mutant("ddrm-split-chain", "DDRM case split on sigma' instead of s*sigma' (chains.DDRM._cases)",
+           "deqir_fast/chains.py", "(s > 0) & (s * sigma_next ", "(s > 0) & (sigma_next ", count=2),
+    Mutant("ddrm-split-ref", "DDRM case split on sigma' instead of s*sigma' (fused-round reference)",
+           "deqir_fast/ops/fused_round.py", "pos & (s * sn ", "pos & (sn ", count=2),
+    # -- ops/fused_round.py, backends.py, scan.py (own choices) -----------------------------
+    Mutant("ref-class-slope", "fused-round reference: J of class 0 for every element",
+           "deqir_fast/ops/fused_round.py", "j = sl[:, cls[0].long()]", "j = sl[:, :1].reshape(-1, *pad)"),
+    Mutant("ddnm-part-lambda", "DDNM+ partial range: kY without lambda",
+           "deqir_fast/ops/fused_round.py", "torch.where(part, (col(C_R) * lam) * inv_s,", "torch.where(part, col(C_R) * inv_s,"),
+    Mutant("ybar-batch", "fused round launcher: per-item ybar flattened to batch 1",
+           "deqir_fast/ops/fused_round.py", "flat(ybar, ybar.shape[0], n)", "flat(ybar[:1], 1, n)"),
+    Mutant("no-validation", "backends: first-use validation against the reference skipped",
+           "deqir_fast/ops/backends.py",
+           "    return (backend, device.type, sampler, dtype) not in _validated\n", "    return False\n"),
+    Mutant("no-demotion", "backends: a kernel failing validation is not demoted",
+           "deqir_fast/ops/backends.py",
+           "        _demoted[(backend, device.type)] = f\"failed validation", "        None and f\"failed validation"),
+    Mutant("scan-r-stride", "generic reference scan: R read at step 0 for every step",
+           "deqir_fast/ops/scan.py", "None if R is None else R[i], u)", "None if R is None else R[0], u)"),
+    # -- Triton kernels (run under TRITON_INTERPRET=1 in a subprocess by the tests) -----------
+    Mutant("triton-scan-r-stride", "Triton scan reads R at the per-item batch stride (wrong when R is broadcast)",
+           "deqir_fast/ops/triton_scan.py", "R + i * r_s + b * r_b + k * r_n", "R + i * r_s + b * n_per_item + k * r_n"),
+    Mutant("triton-scan-j-stride", "Triton scan reads J at P's strides",
+           "deqir_fast/ops/triton_scan.py", "J + i * j_s + b * j_b + k * j_n", "J + i * p_s + b * p_b + k * p_n"),
+    Mutant("triton-round-ybar-stride", "Triton fused round reads ybar at the per-item stride (wrong when broadcast)",
+           "deqir_fast/ops/triton_round.py", "YB + b * yb_b + k", "YB + b * n + k"),
+    Mutant("triton-round-noise-next", "Triton fused round reads the noise of step i+1",
+           "deqir_fast/ops/triton_round.py", "kZ * tl.load(Z + at, mask=mask, other=0.0))",
+           "kZ * tl.load(Z + at + N, mask=mask & (i + 1 < W), other=0.0))"),
+    # -- diffusers_compat.py -------------------------------------------------------------------
+    Mutant("diffusers-trailing", "diffusers 'trailing' timesteps without the -1",
+           "deqir_fast/diffusers_compat.py", "        ts -= 1\n", "        ts -= 0\n"),
+    # -- kernels/ (C++; rebuilt with CMake in the copy) ---------------------------------------
+    Mutant("cpp-noise-next", "C++ fused round reads the noise draw of step i+1",
+           "kernels/fused_round_cpu.cpp", "const T* z = HAS_Z ? Z + i * N + base : nullptr;",
+           "const T* z = HAS_Z ? Z + (i + 1 < W ? i + 1 : i) * N + base : nullptr;"),
+    Mutant("cpp-ddrm-as-ddnm", "C++ fused round: sampler flag DDRM dispatched as DDNM",
+           "kernels/fused_round_cpu.cpp", "case kDDRM: f(std::integral_constant<int, kDDRM>{})",
+           "case kDDRM: f(std::integral_constant<int, kDDNM>{})"),
+    Mutant("cpp-ddrm-split", "C++ DDRM case split on sigma' instead of s*sigma' (fused_round.h)",
+           "kernels/fused_round.h", "const T ss = s * st.c[C_SN];", "const T ss = st.c[C_SN];"),
+    Mutant("cpp-ybar-batch", "C++ fused round reads ybar at batch stride 0 always",
+           "kernels/fused_round_cpu.cpp", "const int64_t yb_b = hy && ybar->size(0) > 1 ? n : 0;",
+           "const int64_t yb_b = 0;"),
+]
+
+
+# Run with --all only: variants of a core mutant or of code the core ones already cover.
+EXTRA = {"window-enter-zero", "ce-counter-1", "ce-stop-10tol", "ring-held-order",
+         "secant-no-clamp", "ddnm-part-lambda", "ybar-batch", "no-demotion", "scan-r-stride",
+         "triton-scan-j-stride", "triton-round-noise-next", "cpp-ddrm-split", "cpp-ybar-batch"}
+
+
+def source_files(root: Path):
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
+                         capture_output=True, check=True).stdout.decode()
+    return [p for p in out.split("\0") if p]
+
+
+def make_copy(dest: Path, from_head: bool = False, overlay=()) -> None:
+    """The working tree's files (or, with ``from_head``, the files of the HEAD commit plus
+    the working-tree paths in ``overlay``: other people's unfinished edits stay out),
+    and the built native library."""
+    if from_head:
+        archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        files = [p for p in overlay]
+    else:
+        files = source_files(ROOT)
+    for rel in files:
+        src = ROOT / rel
+        if src.is_dir():
+            for sub in src.rglob("*"):
+                if sub.is_file() and "__pycache__" not in sub.parts:
+                    dst = dest / sub.relative_to(ROOT)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(sub, dst)
+            continue
+        if not src.is_file():               # deleted in the working tree
+            continue
+        dst = dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    for lib in list((ROOT / "deqir_fast").glob("_native_kernels*.so")) + \
+            [ROOT / "deqir_fast" / "_native_build.json"]:
+        if lib.exists():
+            shutil.copy2(lib, dest / "deqir_fast" / lib.name)
+
+
+def apply(m: Mutant, dest: Path) -> None:
+    if not m.old:                       # the baseline: nothing planted
+        return
+    path = dest / m.file
+    text = path.read_text()
+    found = text.count(m.old)
+    if found != m.count:
+        raise SystemExit(f"mutant {m.id}: expected {m.count} occurrence(s) of {m.old!r} in "
+                         f"{m.file}, found {found} (update the mutant to the current code)")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def rebuild_native(dest: Path, log) -> None:
+    build = dest / "build" / "mutant"
+    cmd = f"cmake -S {dest} -B {build} -DPython_EXECUTABLE={sys.executable} && cmake --build {build} -j2"
+    proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    log.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"native build failed (see log): {proc.stderr[-500:]}")
+    built = build / "deqir_fast_kernels.so"
+    libs = list((dest / "deqir_fast").glob("_native_kernels*.so"))
+    if not libs:
+        raise RuntimeError("the working tree has no built native library to replace")
+    for lib in libs:
+        shutil.copy2(built, lib)
+
+
+def env_for(dest: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(dest), OMP_NUM_THREADS="1")
+    for var in ("DEQIR_FAST_BACKEND", "DEQIR_FAST_NATIVE_LIB", "TRITON_INTERPRET"):
+        env.pop(var, None)
+    return env
+
+
+def check_import(dest: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", "import deqir_fast; print(deqir_fast.__file__)"],
+                         cwd=dest, env=env_for(dest), capture_output=True, text=True)
+    where = out.stdout.strip()
+    if not where.startswith(str(dest)):
+        raise RuntimeError(f"the copy imports deqir_fast from {where!r}, not from {dest}: "
+                           f"{out.stderr[-300:]}")
+
+
+# Test files run first, in this order, then the rest of tests/test_*.py (sorted): the files
+# meant to catch solver bugs, so a caught mutant stops early. The whole suite still runs
+# for a mutant nothing catches.
+FIRST = ["tests/test_solvers.py", "tests/test_check_every.py", "tests/test_anderson.py",
+         "tests/test_linearize.py", "tests/test_ddrm_cases.py", "tests/test_kernels.py",
+         "tests/test_parity.py", "tests/test_triton_scan.py", "tests/test_triton_round.py"]
+
+
+def run_suite(dest: Path, extra, timeout: int):
+    first = [f for f in FIRST if (dest / f).exists()]
+    rest = sorted(str(p.relative_to(dest)) for p in (dest / "tests").glob("test_*.py"))
+    files = first + [f for f in rest if f not in first]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *extra, *files]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=dest, env=env_for(dest), capture_output=True, text=True,
+                              timeout=timeout)
+        out, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        rc = -9
+    return rc, out, time.time() - t0
+
+
+def first_failure(out: str) -> str:
+    m = re.search(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    return m.group(1) if m else ""
+
+
+def check_one(m: Mutant, args) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix=f"mut-{m.id}-", dir=args.workdir))
+    dest = tmp / "repo"
+    dest.mkdir()
+    rec = {"id": m.id, "what": m.what, "file": m.file}
+    try:
+        make_copy(dest, args.from_head, args.overlay)
+        apply(m, dest)
+        with open(tmp / "build.log", "w") as log:
+            if m.file.startswith("kernels/"):
+                rebuild_native(dest, log)
+        check_import(dest)
+        rc, out, secs = run_suite(dest, args.pytest_args, args.timeout)
+        (tmp / "pytest.log").write_text(out)
+        last = out.strip().splitlines()[-1] if out.strip() else ""
+        rec.update(caught=rc != 0, first_failure=first_failure(out) or ("timeout" if rc == -9 else ""),
+                   seconds=round(secs, 1), summary=last, log=str(tmp / "pytest.log"))
+    except Exception as exc:            # noqa: BLE001 - report and go on
+        rec.update(caught=None, first_failure="", seconds=0, summary=f"error: {exc}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+            rec.pop("log", None)
+    return rec
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help="comma-separated mutant ids")
+    p.add_argument("--all", action="store_true", help="also the extra mutants (EXTRA)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--jobs", type=int, default=1, help="mutants run at once (each pytest is 1 thread)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per suite run")
+    p.add_argument("--keep", action="store_true", help="keep the copies and logs")
+    p.add_argument("--baseline", action="store_true", help="run the unmutated copy first; stop if red")
+    p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--from-head", action="store_true",
+                   help="copy the HEAD commit instead of the working tree (plus --overlay paths)")
+    p.add_argument("--overlay", default=[], type=lambda v: [x for x in v.split(",") if x],
+                   metavar="PATHS", help="with --from-head: comma-separated working-tree files or "
+                                         "folders copied over HEAD's")
+    p.add_argument("--workdir", default=None, help="where the copies go (default: the system tmp)")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = p.parse_args(argv)
+    mutants = [m for m in MUTANTS if args.all or not m.extra]
+    if args.only:
+        ids = args.only.split(",")
+        unknown = set(ids) - {m.id for m in MUTANTS}
+        if unknown:
+            raise SystemExit(f"unknown mutant ids: {sorted(unknown)}")
+        mutants = [m for m in MUTANTS if m.id in ids]
+    if args.list:                       # also checks that every mutant still matches
+        for m in mutants:
+            found = (ROOT / m.file).read_text().count(m.old)
+            ok = "" if found == m.count else f"  <-- {found} matches, expected {m.count}"
+            print(f"{m.id:26s} {m.file:32s} {m.what}{ok}")
+        return 0
+    if args.baseline:
+        base = Mutant("baseline", "no mutation", "deqir_fast/__init__.py", "", "", count=0)
+        rec = check_one(base, args)
+        print(f"baseline: {rec['summary']} ({rec['seconds']} s)", flush=True)
+        if rec["caught"] is not False:
+            raise SystemExit("the unmutated suite is not green: fix it before checking mutants")
+    results = []
+    with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(check_one, m, args): m for m in mutants}
+        for fut in cf.as_completed(futures):
+            rec = fut.result()
+            results.append(rec)
+            verdict = {True: "caught", False: "NOT CAUGHT", None: "ERROR"}[rec["caught"]]
+            print(f"{rec['id']:26s} {verdict:10s} {rec['first_failure'] or '-'}  ({rec['seconds']} s) "
+                  f"{rec['summary'] if rec['caught'] is not True else ''}", flush=True)
+    order = {m.id: k for k, m in enumerate(MUTANTS)}
+    results.sort(key=lambda r: order[r["id"]])
+    print("\n| mutant | where | what | caught by |\n|---|---|---|---|")
+    for r in results:
+        by = r["first_failure"] if r["caught"] else ("**not caught**" if r["caught"] is False
+                                                      else f"error: {r['summary']}")
+        print(f"| {r['id']} | {r['file']} | {r['what']} | {by} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    missed = [r["id"] for r in results if r["caught"] is not True]
+    if missed:
+        print(f"\nnot caught (or error): {', '.join(missed)}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
