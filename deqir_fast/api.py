@@ -307,6 +307,10 @@ def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
     if tol is not None:
         kw["tol"] = float(tol)
     from .gradients import adjoint_gradients
+    if getattr(h, "process_group", None) is not None:      # a sharded solve: shard it too
+        from .distributed import sharded_adjoint_gradients
+        adjoint_gradients = functools.partial(sharded_adjoint_gradients,
+                                              process_group=h.process_group)
     x_T = h.x_T.detach().requires_grad_(True)
     y = getattr(h.system.chain, "y", None)
     y = None if y is None else y.detach().requires_grad_(True)

@@ -764,7 +764,8 @@ def sharded_adjoint_gradients(system, X: torch.Tensor, grad_x0: torch.Tensor, *,
 
 def shard_handle(handle, process_group):
     """The ``api._Handle`` of a sharded solve: its backward (``grad="ift"``, i.e.
-    ``res.x0.backward()``) solves the adjoint sharded over the same group."""
+    ``res.x0.backward()``, and ``dq.backward(res, ...)``) solves the adjoint sharded
+    over the same group."""
     from .api import _Handle
 
     class ShardedHandle(_Handle):
@@ -776,4 +777,5 @@ def shard_handle(handle, process_group):
 
     h = ShardedHandle.__new__(ShardedHandle)
     h.__dict__.update(handle.__dict__)
+    h.process_group = process_group          # dq.backward shards its adjoint too
     return h

@@ -92,6 +92,7 @@ def test_sharded_equals_single_process(world, launches):
     assert checks["group type"].startswith("TypeError"), checks
     for row in rows[n:]:
         assert row["x_T_err"] <= 1e-10 and row["param_err"] <= 1e-10, row
+        assert row["backward_err"] <= 1e-10 and row["backward_sharded"] == 1, row
     for row in rows[:n]:
         assert row["iters"] == row["iters_ref"], row
         assert row["nfe"] == row["nfe_ref"], row
@@ -182,6 +183,14 @@ def _worker(rank, world, port, mode, out):
                                                                 rtol=1e-6, atol=1e-12)),
                         rebalances=res.stats.sharding.rebalances))
             # the implicit-gradient backward (grad="ift"), sharded the same way
+            # dq.backward(res, ...) of a sharded solve shards its adjoint as well
+            import deqir_fast.distributed as dd
+            real_adjoint, sharded_calls = dd.sharded_adjoint_gradients, []
+
+            def counting_adjoint(*a, **k):
+                sharded_calls.append(1)
+                return real_adjoint(*a, **k)
+            dd.sharded_adjoint_gradients = counting_adjoint
             for kind, op, solver, window in GRAD_CASES:
                 model, chain, x_T = _problem(kind, op, 11, None)
                 got = []
@@ -193,11 +202,17 @@ def _worker(rank, world, port, mode, out):
                                    process_group=pg)
                     w = torch.linspace(-1, 1, res.x0.numel(), dtype=res.x0.dtype).view_as(res.x0)
                     (res.x0 * w).sum().backward()
-                    got.append((x.grad.clone(), model.means.grad.clone()))
-                (gx, gp), (sx, sp) = got
+                    before = len(sharded_calls)
+                    bw = dq.backward(res, w)
+                    got.append((x.grad.clone(), model.means.grad.clone(), bw["x_T"],
+                                len(sharded_calls) - before))
+                (gx, gp, bx, _), (sx, sp, sbx, sharded) = got
                 rows.append(dict(case=["grad", kind, op, solver, window],
                                  x_T_err=((sx - gx).abs().max() / gx.abs().max()).item(),
-                                 param_err=((sp - gp).abs().max() / gp.abs().max()).item()))
+                                 param_err=((sp - gp).abs().max() / gp.abs().max()).item(),
+                                 backward_err=((sbx - bx).abs().max() / bx.abs().max()).item(),
+                                 backward_sharded=sharded))
+            dd.sharded_adjoint_gradients = real_adjoint
             # bad input: a device the backend cannot move, options a sharded solve lacks
             from deqir_fast.distributed import check_device
             model, chain, x_T = _problem("ddim", None, 5, None)
