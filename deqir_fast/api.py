@@ -16,7 +16,7 @@ from .solvers import FREEZE_RATIO, SolverStats, check_solver, fixed_point_solve
 from .system import ChainSystem, Model
 
 # Default stopping rule: stop when every step has max|F(X)_i - X_i| <= TOL * max(σ_i, FLOOR).
-# Calibrated by `bench/calibrate.py` (bench/RESULTS.md, "Stopping rule") on 372 recorded
+# Calibrated by `bench/calibrate.py` (bench/RESULTS.md §8, "The stopping rule") on 372 recorded
 # solves: the bundled UNet and photo16 (9 chains, S = 20 and 100) and 300 seeds of the
 # README's Gaussian-mixture problems. At TOL = 0.01 none ends over one grey level
 # (2/255; worst 8.4e-4); the first failures (mode selection on the mixture prior, 1.7
@@ -27,7 +27,7 @@ DEFAULT_INIT = "jump"
 DEFAULT_SOLVER = "picard"
 DEFAULT_LINEARIZE = "secant"
 # Adjoint stopping rule, relative to max|dL/dx0|. Measured on DDIM-100 with the bundled
-# model (bench/RESULTS.md §4): 1e-3 stops after 12 adjoint rounds, 1e-8 runs all 100,
+# model (bench/HISTORY.md §4): 1e-3 stops after 12 adjoint rounds, 1e-8 runs all 100,
 # and both leave the same 1.8e-4 relative error against autograd through the serial
 # chain: the forward solve's tolerance dominates.
 DEFAULT_GRAD_TOL = 1e-3

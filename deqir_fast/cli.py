@@ -40,7 +40,8 @@ DEFAULT_LINEARIZE = inspect.signature(dq.solve).parameters["linearize"].default
 MODES = ("auto", "parallel", "serial")
 # Six tasks at 20 steps keep the demo near a minute on 2 CPU cores (measured 1.5 min for
 # 13 tasks). Compressed sensing is left out: a random 25-50% of the DCT coefficients
-# misses most of the low frequencies and DDRM-20 restores 11-14 dB (bench/RESULTS.md).
+# misses most of the low frequencies and DDRM-20 restores 11-14 dB
+# (`deqir-fast demo --tasks cs25,cs50`).
 DEMO_TASKS = ("denoise", "inpaint_random", "inpaint_box", "sr4", "deblur_gauss", "colorize")
 # Seeds of the random draws, offset from --seed so that each draw has its own stream.
 MEASUREMENT_SEED, X_T_SEED, CHAIN_NOISE_SEED = 1, 2, 3

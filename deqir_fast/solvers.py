@@ -28,7 +28,7 @@ from .ops.anderson import AndersonRing
 # Leading steps freeze once the steps before them meet FREEZE_RATIO * tol. Freezing at
 # tol itself locks in errors that the chain then carries to x0: on the bundled model,
 # DDIM-100 with the Gaussian J stopped 2.3e-2 off serial (over 2/255) at tol 3e-3.
-# (bench/RESULTS.md, "Stopping rule").
+# (bench/RESULTS.md §8, "The stopping rule").
 FREEZE_RATIO = 0.01
 
 # The linearisation guard: a round whose largest residual exceeds GUARD_GROWTH times the
