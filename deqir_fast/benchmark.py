@@ -554,8 +554,10 @@ def diffusers_scheduler(bm: BenchModel):
 def run_loops(bm: BenchModel, cfg: BenchConfig, S: int, B: int, device: torch.device,
               progress) -> dict:
     """diffusers' DDIMScheduler loop against our serial sampler on the chain that steps as
-    the scheduler does (``DDIM.from_diffusers``), same network, same noise."""
+    the scheduler does (``DDIM.from_diffusers``), same network, same noise, both in IEEE
+    float32 on CUDA."""
     from .diffusers_compat import draw_noise
+    from .system import ieee_float32
     scheduler = diffusers_scheduler(bm)
     chain = dq.DDIM.from_diffusers(scheduler, S, eta=0.0)
     x_T, noise = draw_noise(chain, (B, *bm.shape), torch.Generator().manual_seed(cfg.seed + 3))
@@ -566,7 +568,9 @@ def run_loops(bm: BenchModel, cfg: BenchConfig, S: int, B: int, device: torch.de
         scheduler.set_timesteps(S)
         image = x_T.clone()
         for t in scheduler.timesteps:
-            out = net(image, t.to(device))
+            # the same float32 arithmetic as ours (no TF32 on CUDA: system.ieee_float32)
+            with ieee_float32(device):
+                out = net(image, t.to(device))
             eps = out.sample if hasattr(out, "sample") and not isinstance(out, torch.Tensor) else out
             image = scheduler.step(eps, t, image, eta=0.0).prev_sample
         return image
@@ -833,7 +837,7 @@ def markdown(report: dict) -> str:
                   "The same network, scheduler and noise: diffusers' loop "
                   "(`for t in scheduler.timesteps: x = scheduler.step(unet(x, t).sample, t, x).prev_sample`)"
                   " against `dq.sample_serial` on `dq.DDIM.from_diffusers(scheduler, S)`, "
-                  "eta 0, timed in turns.", "",
+                  "eta 0, timed in turns; on CUDA both without TF32.", "",
                   "| S | B | diffusers loop s | deqir_fast serial s | ours / diffusers | "
                   "outside model calls, diffusers s | outside model calls, ours s | "
                   "max abs difference |",
