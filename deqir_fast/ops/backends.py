@@ -13,8 +13,10 @@ fastest backend that is available for the device and has been validated there:
   else torch;
 - CUDA: native CUDA C++ when the library was built with it, else Triton, else torch.
 
-Validation: the first call of a kernel for each (device type, sampler, dtype) is checked
-against the reference on the same inputs (one extra reference round per process); a
+Validation: for each (device type, sampler, dtype) the first one-step call of a kernel and
+its first call on a window of several steps are checked against the reference on the
+same inputs (two extra reference rounds per process; a one-step call cannot show a
+kernel that indexes the next step's inputs wrongly); a
 mismatch demotes that backend to torch for the rest of the process and ``why()`` says
 so. A forced backend is never demoted, and an unavailable forced backend is an error.
 """
