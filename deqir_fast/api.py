@@ -273,12 +273,13 @@ def _differentiable_x0(handle: _Handle, model, chain, grad, phantom_steps, phant
         return _ImplicitX0.apply(handle, x_T, y_in, *handle.params)
     value = handle.x0.detach()
     if grad == "unrolled":
-        ref = sample_serial(model, chain, x_T, noise=handle.noise)
+        ref = sample_serial(model, chain, x_T, noise=handle.noise,
+                            allow_tf32=handle.system.allow_tf32)
     else:
         check_positive_int("phantom_steps", phantom_steps)
         with torch.enable_grad():
             coeffs = chain.coefficients(x_T.to(handle.X.dtype), handle.noise)
-            system = ChainSystem(model, chain, coeffs)
+            system = ChainSystem(model, chain, coeffs, allow_tf32=handle.system.allow_tf32)
             X = handle.X.detach()
             for _ in range(phantom_steps):
                 X = (1 - phantom_damping) * X + phantom_damping * system.evaluate(X, 0, X.shape[0])

@@ -384,8 +384,14 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
     # Same inputs on every rank, or the ranks would solve different chains: compare a
     # fingerprint of the initial guess and the chain's first state once.
     carry0 = system.coeffs.u0 if fused else system.carry0
+    # the noise and ȳ too: with generator=None each rank would draw its own noise
+    coeffs = getattr(system, "coeffs", None)
+    drawn = [t for t in (getattr(coeffs, "noise", None), getattr(coeffs, "ybar", None))
+             if isinstance(t, torch.Tensor)]
     fp = torch.stack([X.to(torch.float64).sum(), X.to(torch.float64).abs().sum(),
-                      carry0.to(torch.float64).sum()]).to(X.device)
+                      carry0.to(torch.float64).sum(),
+                      *[t.detach().to(torch.float64).abs().sum().to(X.device) for t in drawn]
+                      ]).to(X.device)
     fps = comm.all_gather(fp, "input check").to("cpu")
     if not bool((fps == fps[0]).all()):
         raise ValueError("x_T, noise or the initial guess differ across ranks: every rank "
@@ -511,6 +517,8 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                     ring.push(a, b, X[a:b], FX=FX)
                     ring.mix_with(a, b, reg=upd.reg, damping=upd.damping, prefix=prefix,
                                   offset_fn=offset_fn, out=X[a:b])
+                except ShardError:                 # a collective failed: every rank raises
+                    raise
                 except Exception as e:             # noqa: BLE001
                     comm.failed = e
                     if prefix and not offset_fn.state["called"]:
@@ -744,12 +752,17 @@ def sharded_adjoint_gradients(system, X: torch.Tensor, grad_x0: torch.Tensor, *,
         k0, k1 = even_split(0, system.num_steps, R)[me]
         chunk = window or system.num_steps
         total: List[Optional[torch.Tensor]] = [None] * len(adj.params)
-        cot_all = system.coeffs.Q * lam[1:]
-        for c0 in range(k0, k1, chunk):
-            c1 = min(c0 + chunk, k1)
-            _, gs = adj._vjp(c0, c1, cot_all[c0:c1], adj.params)
-            total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, gs)]
         comm = _Comm(cfg.group, cfg.timeout, stats.sharding)
+        try:          # an error here must reach the peers, which wait in the all-reduce
+            cot_all = system.coeffs.Q * lam[1:]
+            for c0 in range(k0, k1, chunk):
+                c1 = min(c0 + chunk, k1)
+                _, gs = adj._vjp(c0, c1, cot_all[c0:c1], adj.params)
+                total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, gs)]
+        except Exception as e:                         # noqa: BLE001
+            comm.failed = e
+        comm.gather_checked(torch.zeros(1, dtype=torch.float64, device=X.device),
+                            "parameter VJPs")
         for t, p in zip(total, adj.params):
             g = torch.zeros_like(p) if t is None else t.detach().clone()
             _all_reduce(comm, g, "parameter gradients")

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .solvers import fixed_point_solve
-from .system import ChainSystem
+from .system import ChainSystem, ieee_float32
 
 
 class _FixedJacobian:
@@ -84,7 +84,10 @@ class AdjointSystem:
         inputs = self._forward_inputs(k0, k1).detach().requires_grad_(True)
         with torch.enable_grad():
             E = self.forward.eps_bar(inputs, k0)
-            grads = torch.autograd.grad(E, [inputs, *params], grad_outputs=cot, allow_unused=True)
+            # the backward convolutions in IEEE float32 too, like the forward (system.py)
+            with ieee_float32(inputs.device, self.forward.allow_tf32):
+                grads = torch.autograd.grad(E, [inputs, *params], grad_outputs=cot,
+                                            allow_unused=True)
         self.model_calls += k1 - k0
         first = torch.zeros_like(inputs) if grads[0] is None else grads[0]
         return first, grads[1:]

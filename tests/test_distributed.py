@@ -109,9 +109,20 @@ def test_error_on_one_rank_reaches_every_rank(launches):
     codes, errs, seconds, _ = launches[3]
     assert codes == [3, 3, 3], "\n".join(errs)
     for err in errs:
+        # the parameter VJPs of the backward: rank 1's error reaches every rank
+        assert "ADJ ShardError" in err and "rank 1 raised RuntimeError: boom in parameter VJP" in err, err
+        assert float(err.split("ADJ after ", 1)[1].split(" s")[0]) < 5, err
         assert "ShardError" in err and "rank 1 raised RuntimeError: boom at step" in err, err
         # promptly: within the round it happened in, not after the 20 s timeout
         assert float(err.rsplit("after ", 1)[1].split(" s")[0]) < 5, err
+
+
+def test_ranks_drawing_different_noise_are_refused(tmp_path):
+    """x_T agrees but each rank's generator differs: the noise differs, and every rank
+    must refuse rather than solve a chain stitched from different draws."""
+    codes, errs, _ = launch(2, "noise", str(tmp_path / "noise.json"))
+    for err in errs:
+        assert "NOISE ValueError" in err and "differ across ranks" in err, err
 
 
 def test_stuck_rank_times_out(tmp_path):
@@ -231,6 +242,28 @@ def _worker(rank, world, port, mode, out):
             if rank == 0:
                 json.dump(rows, open(out, "w"))
         if mode.endswith("raise"):
+            # an error in the parameter-gradient VJPs (after the adjoint solve) on rank 1
+            import deqir_fast.gradients as G
+            real_vjp = G.AdjointSystem._vjp
+
+            def vjp(self, k0, k1, cot, params=()):
+                if rank == 1 and params:
+                    raise RuntimeError("boom in parameter VJP")
+                return real_vjp(self, k0, k1, cot, params)
+            G.AdjointSystem._vjp = vjp
+            model, chain, x_T = _problem("ddrm", "inpainting", 7, None)
+            assert model.means.requires_grad          # so the backward has parameter VJPs
+            res = dq.solve(model, chain, x_T.clone().requires_grad_(True),
+                           generator=torch.Generator().manual_seed(3),
+                           process_group=ShardConfig(timeout=20))
+            t0 = time.perf_counter()
+            try:
+                res.x0.sum().backward()
+                print("ADJ no error", file=sys.stderr)
+            except ShardError as e:
+                print(f"ADJ ShardError: {e}\nADJ after {time.perf_counter() - t0:.3f} s",
+                      file=sys.stderr)
+            G.AdjointSystem._vjp = real_vjp
             model, chain, x_T = _problem("ddim", None, 11, None)
 
             def bad(x, t):
@@ -243,7 +276,19 @@ def _worker(rank, world, port, mode, out):
                          init="x_T")
             except ShardError as e:
                 print(f"ShardError: {e}\nafter {time.perf_counter() - t0:.3f} s", file=sys.stderr)
-                sys.exit(3)
+                sys.stderr.flush()
+                os._exit(3)          # skip the teardown of a group whose solve was aborted
+        elif mode == "noise":
+            # each rank draws its own noise (generator seeded by rank): refused on every rank
+            try:
+                dq.solve(*_problem("ddim_eta", None, 5, None),
+                         generator=torch.Generator().manual_seed(100 + rank),
+                         process_group=ShardConfig(timeout=20))
+                print("NOISE no error", file=sys.stderr)
+            except ValueError as e:
+                print(f"NOISE ValueError: {e}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(0)          # skip the group's teardown after an aborted solve
         elif mode == "stuck":
             model, chain, x_T = _problem("ddim", None, 7, None)
 

@@ -269,6 +269,27 @@ def test_a_kernel_wrong_only_across_steps_is_caught_on_the_first_window(monkeypa
 
 
 @needs_native
+def test_a_kernel_wrong_only_with_noise_is_caught_on_its_first_noisy_call(monkeypatch):
+    """Validation is per combination of optional inputs: a window without noise (eta 0)
+    does not vouch for the noise path."""
+    monkeypatch.delenv("DEQIR_FAST_BACKEND", raising=False)
+    real = native.fused_round_native
+
+    def wrong_with_noise(*args):
+        out, res = real(*args)
+        noise = args[8]
+        return (out + 1e-2, res) if noise is not None else (out, res)
+    monkeypatch.setattr(native, "fused_round_native", wrong_with_noise)
+    quiet = make_case("ddim", S=8, lo=0, hi=8, B=2, item=(3, 5, 7), seed=2, eta=0.5, noise=False)
+    call(fused_round, quiet)
+    assert backends.choose(torch.device("cpu"))[0] == "native"
+    noisy = make_case("ddim", S=8, lo=0, hi=8, B=2, item=(3, 5, 7), seed=3, eta=0.5)
+    out = call(fused_round, noisy)
+    assert torch.equal(out[0], call(fused_round_reference, noisy)[0])
+    assert backends.choose(torch.device("cpu"))[0] == "torch"
+
+
+@needs_native
 def test_cli_info_lists_backends(monkeypatch):
     from deqir_fast.cli import backend_lines
     monkeypatch.delenv("DEQIR_FAST_BACKEND", raising=False)

@@ -373,11 +373,15 @@ def fused_round(sampler: str, table: torch.Tensor, E: torch.Tensor, U: torch.Ten
         from .triton_round import fused_round_triton
         out, res = fused_round_triton(*args)
     out = out.view(E.shape)
-    # Validated twice per (device, sampler, dtype): on a one-step call (the serial
-    # sampler's) and on the first window of several steps. A one-step window never
+    # Validated per (device, sampler, dtype, inputs): on a one-step call (the serial
+    # sampler's) and again on the first window of several steps. A one-step window never
     # reads step i+1's inputs, so a kernel indexing them wrongly passes it (seen in
     # mutation testing: a C++ kernel reading the next step's noise).
-    vkey = f"{sampler}/{'window' if E.shape[0] > 1 else 'step'}"
+    # The key also names which optional inputs the call reads (noise, J, ȳ and whether
+    # ȳ is per item): a kernel wrong only on one of those paths must meet a check there.
+    y_kind = "-" if ybar is None else ("per-item" if ybar.shape[0] > 1 else "shared")
+    vkey = (f"{sampler}/{'window' if E.shape[0] > 1 else 'step'}"
+            f"/noise{int(noise is not None)}/J{int(slopes is not None)}/ybar-{y_kind}")
     if chosen and backends.needs_validation(backend, E.device, vkey, E.dtype):
         ref_out, ref_res = fused_round_reference(sampler, table, E, U, x_last, scale, s, ybar,
                                                  noise, slopes)
