@@ -67,7 +67,7 @@ import torch.distributed as dist
 
 from ._checks import raise_nonfinite
 from .ops import step_residuals
-from .ops.anderson import AndersonRing, anderson_weights, _runs
+from .ops.anderson import AndersonRing, anderson_weights
 from .solvers import (FREEZE_RATIO, SOLVERS, Anderson, Picard, SolverStats,
                       TriangularAnderson, check_solver, guard_tripped, record_round,
                       steps_to_freeze)
@@ -276,7 +276,6 @@ class _Ring(AndersonRing):
         """As ``AndersonRing.mix``; with ``prefix``, ``offset_fn(block_sum)`` returns the
         sum of the masked Gram matrices of the window's steps before ``lo``."""
         slots = self.held()
-        W = hi - lo
         segs = self._segments(lo, hi)
         if len(slots) == 1:
             if prefix:
@@ -285,12 +284,7 @@ class _Ring(AndersonRing):
             for w, r, n in segs:
                 torch.add(self.X[p, r:r + n], self.G[p, r:r + n], alpha=damping, out=out[w:w + n])
             return out
-        idx = torch.tensor(slots, device=self.gram.device)
-        rows = torch.cat([torch.arange(r, r + n) for _, r, n in segs]).to(self.gram.device)
-        valid = self.valid(lo, hi, slots)
-        vd = valid.to(self.gram.device)
-        both = (vd.transpose(0, 1)[:, None, :, None] & vd.transpose(0, 1)[:, None, None, :])
-        H = torch.where(both, self.gram[rows][:, :, idx][:, :, :, idx], 0.0)
+        H, valid, vd = self.masked_gram(lo, hi, slots, segs)
         if prefix:
             # cumsum from the exclusive prefix of the earlier blocks: the first row adds
             # the offset, then the block's own steps in order, as the single process does
@@ -298,29 +292,7 @@ class _Ring(AndersonRing):
             H[0] += offset_fn(H.sum(0))
             H = H.cumsum(0)
         alpha = anderson_weights(H, vd, reg=reg, prefix=False).to(self.X.dtype)
-        pad = (1,) * (len(self.item_shape) - 1)
-        if self.native:
-            alpha = torch.where(vd.transpose(0, 1)[:, None, :], alpha, 0).contiguous()
-            for w, r, n in segs:
-                dst = out[w:w + n]
-                res = torch.ops.deqir_fast.anderson_mix(
-                    self.X.flatten(3), self.G.flatten(3), slots, alpha[w:w + n].contiguous(), r,
-                    r + n, float(damping))
-                dst.copy_(res.view_as(dst))
-            return out
-        out.zero_()
-        for k, j in enumerate(slots):
-            ok = valid[k]
-            for w, r, n in segs:
-                pos = ok[w:w + n]
-                if not bool(pos.any()):
-                    continue
-                for a0, a1 in _runs(pos):
-                    o = out[w + a0:w + a1]
-                    a = alpha[w + a0:w + a1, :, k].reshape(a1 - a0, -1, *pad)
-                    term = torch.add(self.X[j, r + a0:r + a1], self.G[j, r + a0:r + a1], alpha=damping)
-                    o.addcmul_(term, a)
-        return out
+        return self.apply_weights(alpha, valid, vd, slots, segs, damping, out)
 
 
 def _step_slopes(system, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:

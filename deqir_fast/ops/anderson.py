@@ -169,6 +169,14 @@ class AndersonRing:
             for w, r, n in segs:
                 torch.add(self.X[p, r:r + n], self.G[p, r:r + n], alpha=damping, out=out[w:w + n])
             return out
+        H, valid, vd = self.masked_gram(lo, hi, slots, segs)
+        alpha = anderson_weights(H, vd, reg=reg, prefix=prefix).to(self.X.dtype)   # [W, B, h]
+        return self.apply_weights(alpha, valid, vd, slots, segs, damping, out)
+
+    def masked_gram(self, lo: int, hi: int, slots, segs):
+        """The [W, B, h, h] Gram matrices of the held entries over steps lo..hi-1, zero
+        where an entry did not evaluate a step; with ``valid`` ([h, W], host) and its
+        copy on the Gram's device."""
         idx = torch.tensor(slots, device=self.gram.device)
         rows = torch.cat([torch.arange(r, r + n) for _, r, n in segs]).to(self.gram.device)
         valid = self.valid(lo, hi, slots)                                # [h, W], host
@@ -176,7 +184,11 @@ class AndersonRing:
         both = (vd.transpose(0, 1)[:, None, :, None] & vd.transpose(0, 1)[:, None, None, :])
         # where, not a product: rows an entry did not evaluate may hold anything
         H = torch.where(both, self.gram[rows][:, :, idx][:, :, :, idx], 0.0)
-        alpha = anderson_weights(H, vd, reg=reg, prefix=prefix).to(self.X.dtype)   # [W, B, h]
+        return H, valid, vd
+
+    def apply_weights(self, alpha, valid, vd, slots, segs, damping: float,
+                      out: torch.Tensor) -> torch.Tensor:
+        """out = Σ_j α_j (X_j + d G_j) over the window's segments of the ring."""
         pad = (1,) * (len(self.item_shape) - 1)
         if self.native:
             # zero weights for excluded (entry, step) pairs: the kernel skips them
