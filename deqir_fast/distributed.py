@@ -70,7 +70,7 @@ from .ops import step_residuals
 from .ops.anderson import AndersonRing, anderson_weights
 from .solvers import (FREEZE_RATIO, SOLVERS, Anderson, Picard, SolverStats,
                       TriangularAnderson, check_solver, guard_tripped, record_round,
-                      steps_to_freeze)
+                      steps_to_freeze, switch_off_jacobian)
 
 DEFAULT_TIMEOUT = 300.0          # seconds a collective may wait for the slowest peer
 
@@ -473,12 +473,9 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
             r[kb:] = float("inf")
             if ring is not None:
                 ring.forget()
-            if lin.active:
-                lin.disable()
-                stats.guard_fallback = True
+            switch_off_jacobian(lin, stats)
         elif lin.active and guard_tripped(r, prev_r, lo, hi):
-            lin.disable()
-            stats.guard_fallback = True
+            switch_off_jacobian(lin, stats)
         row = prev_r = record_round(stats, r, lo, hi, S)
         n_done = steps_to_freeze(r, tol, freeze_ratio)
         # -- 4. the update of the block --------------------------------------------------------

@@ -111,7 +111,9 @@ class Linearization:
 
     def observe(self, lo: int, hi: int, U: torch.Tensor, E: torch.Tensor) -> None:
         """Record the round's inputs U and ē(U) [hi-lo, B, ...]; with ``"secant"``, refit
-        the slopes of the steps whose inputs moved since their last evaluation."""
+        the slopes of the steps whose inputs moved since their last evaluation. No host
+        synchronisation (the refit is masked by which steps were seen, not skipped), so
+        a round that calls it can be captured in a CUDA graph."""
         if self.kind != "secant" or not self.active:
             return
         if self._prev_U is None:
@@ -119,20 +121,6 @@ class Linearization:
             self._prev_U = U.new_zeros((S, *U.shape[1:]))
             self._prev_E = E.new_zeros((S, *E.shape[1:]))
             self._seen = torch.zeros(S, dtype=torch.bool, device=U.device)
-        if bool(self._seen[lo:hi].any()):
-            self._refit(lo, hi, U, E)
-        self._record(lo, hi, U, E)
-
-    def observe_static(self, lo: int, hi: int, U: torch.Tensor, E: torch.Tensor) -> None:
-        """``observe`` without a host synchronisation, for a round captured in a CUDA
-        graph: the same refit computed unconditionally and masked by which steps were
-        seen (``observe`` skips it when none was, which leaves the same slopes). Needs a
-        prior ``observe`` (it allocates the buffers)."""
-        if self.kind != "secant" or not self.active:
-            return
-        if self._prev_U is None:
-            self.observe(lo, hi, U, E)
-            return
         self._refit(lo, hi, U, E)
         self._record(lo, hi, U, E)
 

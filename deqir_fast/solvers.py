@@ -156,8 +156,15 @@ def guard_tripped(r: torch.Tensor, prev_row: Optional[torch.Tensor], lo: int, hi
     if prev_row is None:
         return False
     seen = prev_row[lo:hi]
-    both = torch.isfinite(seen)
+    both = torch.isfinite(seen) & torch.isfinite(r)       # NaN: frozen (check_every rows)
     return bool(both.any()) and float(r[both].max()) > GUARD_GROWTH * float(seen[both].max())
+
+
+def switch_off_jacobian(lin, stats: "SolverStats") -> None:
+    """The guard's fallback: J = 0 (the plain map) for the rest of the solve."""
+    if lin.active:
+        lin.disable()
+        stats.guard_fallback = True
 
 
 def record_round(stats: "SolverStats", r: torch.Tensor, lo: int, hi: int, S: int) -> torch.Tensor:
@@ -247,12 +254,9 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             G = FX - X[lo:hi]
             r[k:] = float("inf")
             update.forget()
-            if lin.active:
-                lin.disable()
-                stats.guard_fallback = True
+            switch_off_jacobian(lin, stats)
         elif lin.active and guard_tripped(r, prev_r, lo, hi):
-            lin.disable()
-            stats.guard_fallback = True
+            switch_off_jacobian(lin, stats)
         row = prev_r = record_round(stats, r, lo, hi, S)
         n_done = steps_to_freeze(r, tol, freeze_ratio)
         if n_done < hi - lo:
@@ -333,13 +337,10 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
         f_hist = torch.zeros((n_rounds + 1,), dtype=torch.int64, device=dev)
         thr = tol * freeze_ratio
 
-        def one_round(static: bool = False):
+        def one_round():
             U = system.inputs(X, lo, hi)
             E = system.model_term(U, lo)
-            if static and hasattr(lin, "observe_static"):
-                lin.observe_static(lo, hi, U, E)
-            else:
-                lin.observe(lo, hi, U, E)
+            lin.observe(lo, hi, U, E)                   # no host sync: capturable
             if fused:
                 FX, r = system.round_and_residuals(E, U, X[hi - 1], lo, hi, lin, scale_dev[lo:hi])
             else:
@@ -378,12 +379,8 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             if bool(bad.any()):
                 if int(bad.nonzero()[0, 0]) == 0:          # the first active step: the model
                     raise_nonfinite(lo + first)
-            elif lin.active and prev_row is not None:
-                seen, now = prev_row[lo:hi], row[lo:hi]
-                both = torch.isfinite(seen) & torch.isfinite(now)
-                if bool(both.any()) and float(now[both].max()) > GUARD_GROWTH * float(seen[both].max()):
-                    lin.disable()
-                    stats.guard_fallback = True
+            elif lin.active and guard_tripped(row[lo:hi], prev_row, lo, hi):
+                switch_off_jacobian(lin, stats)
             prev_row = row
             if callback is not None:
                 callback({"iteration": stats.iterations, "window": (lo, hi), "residuals": row,
@@ -399,9 +396,7 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             X[lo + k:hi] = X[lo + k - 1]
             f = min(f, k)
             update.forget()
-            if lin.active:
-                lin.disable()
-                stats.guard_fallback = True
+            switch_off_jacobian(lin, stats)
         if f == W and hi == S:
             stats.converged = True
             break
@@ -426,7 +421,7 @@ def _graph_rounds(one_round, n_rounds: int, stats) -> int:
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            one_round(static=True)
+            one_round()
     except Exception as exc:            # an uncapturable model or op: eager from here
         stats.graph_error = f"{type(exc).__name__}: {exc}"
         torch.cuda.synchronize()
