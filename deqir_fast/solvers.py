@@ -430,15 +430,3 @@ def _graph_rounds(one_round, n_rounds: int, stats) -> int:
         graph.replay()
         stats.graph_rounds += 1
     return n_rounds
-
-
-def _pad_history(hist, length):
-    """Left-align older entries to the current window: entries shorter than the window
-    (recorded before new steps entered) get zero rows for the missing steps."""
-    out = []
-    for h in hist:
-        if h.shape[0] < length:
-            pad = h.new_zeros((length - h.shape[0], *h.shape[1:]))
-            h = torch.cat([h, pad])
-        out.append(h)
-    return out

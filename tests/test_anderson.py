@@ -60,6 +60,17 @@ NATIVE_RING = bool(getattr(__import__("torch").ops.deqir_fast, "anderson_mix", N
     __import__("deqir_fast.ops.native", fromlist=["status"]).status().ok
 
 
+def _pad_history(hist, length):
+    """The list history's padding (the solver before the ring): entries shorter than the
+    window (recorded before new steps entered) get zero rows for the missing steps."""
+    out = []
+    for h in hist:
+        if h.shape[0] < length:
+            h = torch.cat([h, h.new_zeros((length - h.shape[0], *h.shape[1:]))])
+        out.append(h)
+    return out
+
+
 @pytest.mark.parametrize("impl", ["torch", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("prefix", [False, True])
@@ -72,7 +83,6 @@ def test_ring_matches_the_list_history(dtype, prefix, rows, windows, impl):
     ring: entries sliced as steps freeze, zero-padded and excluded where they had not
     seen a step) on fresh random iterates, history 3."""
     from deqir_fast.ops.anderson import AndersonRing
-    from deqir_fast.solvers import _pad_history
     gen = torch.Generator().manual_seed(rows)
     m, B, item = 3, 2, (3, 4, 5)
     ring = AndersonRing(m, rows, torch.zeros((B, *item), dtype=dtype))
