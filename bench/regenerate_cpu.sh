@@ -34,6 +34,11 @@ step calibrate_unet    python calibrate.py record --models bundled,photo16 --ste
                          --max-iter 60 --out /tmp/cal/unet.json
 step calibrate_replay  python calibrate.py replay /tmp/cal/unet.json /tmp/cal/gmm.json \
                          --tols 0.003,0.01,0.02,0.03,0.1 --floors 0.1,0.3,1
+step probes_init       python probes.py init                                                 # §8, probes
+step probes_bands      python probes.py bands
+step probes_secant     python probes.py secant
+step probes_stop       python probes.py stop
+step probes_trace      python probes.py stop --trace DDNM-sr2
 step peers             python peers.py                                                       # §9
 step gradients_cost    python gradients.py cost --steps 100,1000                             # §10
 step sharding          python sharding.py                                                    # §12

@@ -214,6 +214,7 @@ from deqir_fast import operators as ops
 from deqir_fast.api import _prepare
 from deqir_fast.solvers import fixed_point_solve
 S, solver, kind, rounds, lin = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+hd = None if sys.argv[6] == "-" else getattr(torch, sys.argv[6])
 shape = (3, 256, 256)
 sched = dq.Schedule.linear(1000)
 ts = dq.timesteps(sched, S)
@@ -230,10 +231,12 @@ system, noise = _prepare(model, chain, x_T, None, gen)
 X = torch.randn((S, 1, *shape), generator=gen)
 import gc; gc.collect()
 before = rss()          # inputs (x_T, the noise draws, X) are counted in 'inputs' below
-fixed_point_solve(system, X, solver=solver, tol=0.0, max_iter=rounds, history=4, linearize=lin)
+extra = {} if hd is None else {"history_dtype": hd}
+fixed_point_solve(system, X, solver=solver, tol=0.0, max_iter=rounds, history=4, linearize=lin, **extra)
 peak = rss() - before
 state = X.numel() * 4
 print(json.dumps({"S": S, "solver": solver, "chain": kind, "rounds": rounds, "linearize": lin,
+                  "history_dtype": sys.argv[6],
                   "peak_added_bytes": peak, "stacked_state_bytes": state,
                   "peak_in_states": peak / state,
                   "inputs_in_states": (X.numel() + (0 if noise is None else noise.numel())) / X.numel(),
@@ -242,31 +245,35 @@ print(json.dumps({"S": S, "solver": solver, "chain": kind, "rounds": rounds, "li
 """
 
 
-# (chain, solver, linearize, rounds, backend): Anderson needs history + 2 rounds to fill
-# its ring; "none" isolates the secant's buffers (2 persistent states, ~4 transient).
-MEMORY_CASES = [(kind, solver, lin, 2 if solver == "picard" else 6, backend)
+# (chain, solver, linearize, rounds, backend, history dtype): Anderson needs history + 2
+# rounds to fill its ring; "none" isolates the secant's buffers (2 persistent states, ~4
+# transient); "bfloat16": the history as 16-bit differences (ops/anderson.DifferenceRing).
+MEMORY_CASES = [(kind, solver, lin, 2 if solver == "picard" else 6, backend, hd)
                 for kind in ("ddim", "ddrm") for solver in ("picard", "triangular_anderson")
-                for lin in ("secant", "none") for backend in ("torch", "native")]
+                for lin in ("secant", "none") for backend in ("torch", "native")
+                for hd in (("-", "bfloat16") if solver != "picard" else ("-",))]
 
 
 def bench_memory(args, out_rows):
     S = args.memory_steps
     print(f"\n### Peak memory added by a solve, S={S}, B=1, 3x256x256, float32 "
           f"(unit: the stacked state, {S * 3 * 256 * 256 * 4 / 1e6:.0f} MB)\n")
-    print("| chain | solver | J | backend | rounds | peak added (states) | inputs (states) | P/Q/R materialised |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind, solver, lin, rounds, backend in MEMORY_CASES:
+    print("| chain | solver | J | backend | history dtype | rounds | peak added (states) | inputs (states) | P/Q/R materialised |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, solver, lin, rounds, backend, hd in MEMORY_CASES:
+        if args.memory_only and not set(args.memory_only.split(",")) <= {kind, solver, lin, backend, hd}:
+            continue
         if True:
             if True:
                 env = dict(os.environ, DEQIR_FAST_BACKEND=backend, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-                proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(S), solver, kind, str(rounds), lin],
+                proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(S), solver, kind, str(rounds), lin, hd],
                                       env=env, capture_output=True, text=True, timeout=3600)
                 if proc.returncode != 0:
                     print(f"| {kind} | {solver} | {backend} | failed: {proc.stderr.strip().splitlines()[-1:]} |")
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 out_rows.append(dict(r, what="memory"))
-                print(f"| {kind} | {solver} | {lin} | {backend} | {rounds} | {r['peak_in_states']:.2f} | "
+                print(f"| {kind} | {solver} | {lin} | {backend} | {'state' if hd == '-' else hd} | {rounds} | {r['peak_in_states']:.2f} | "
                       f"{r['inputs_in_states']:.0f} | {r['coefficients_materialized']} |")
 
 
@@ -402,6 +409,8 @@ def main():
     p.add_argument("--graphs", action="store_true")
     p.add_argument("--graph-steps", type=int, default=100)
     p.add_argument("--memory-steps", type=int, default=1000)
+    p.add_argument("--memory-only", default="", help="only the memory rows with all of these "
+                   "(comma-separated) chain, solver, J, backend or history dtype, e.g. none,bfloat16")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
     device = torch.device(args.device)

@@ -442,7 +442,10 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                     for i in range(Wk):
                         run = run * M[i if M.shape[0] > 1 else 0]
                         FX[i] += run * delta
-                    r = step_residuals(FX - X[a:b]).to(torch.float64) * scale_dev[a:b]
+                    if fused:       # the chain's own measure (DDNM weights its range)
+                        r = system.residuals(FX - X[a:b], a, b, scale_dev[a:b])
+                    else:
+                        r = step_residuals(FX - X[a:b]).to(torch.float64) * scale_dev[a:b]
                 else:
                     FX, r = FX0, r0
                 r_pad[:Wk] = r

@@ -35,6 +35,10 @@ PRIOR_VARIANCE = 0.3
 _MIN_RELATIVE_MOVE = 1e-6
 
 
+# The secant refit works on this many values at a time (float32: 16 MB temporaries).
+_CHUNK = 1 << 22
+
+
 def check_linearize(kind) -> str:
     if kind not in LINEARIZATIONS:
         raise ValueError(f"linearize must be one of {LINEARIZATIONS}, got {kind!r}")
@@ -127,11 +131,20 @@ class Linearization:
     def _refit(self, lo: int, hi: int, U: torch.Tensor, E: torch.Tensor) -> None:
         """The secant slope per (step, batch item, class) from the last two rounds,
         clamped to [0, cap]; kept where the state barely moved or was never seen."""
-        dU = U - self._prev_U[lo:hi]
-        dE = E - self._prev_E[lo:hi]
-        num = self._class_sums(dU * dE, lo, hi)               # [W, B, K]
-        den = self._class_sums(dU * dU, lo, hi)
-        scale = U.flatten(2).pow(2).sum(-1, keepdim=True) * _MIN_RELATIVE_MOVE ** 2
+        num = torch.empty_like(self.slopes[lo:hi])          # [W, B, K]
+        den = torch.empty_like(num)
+        norm2 = torch.empty_like(num[..., :1])
+        # in chunks of steps: the differences and products are temporaries of a few MB,
+        # not of the window (2 stacked states less at the peak; bench/round.py --memory)
+        per = max(1, _CHUNK // max(1, U[0].numel()))
+        for c in range(0, hi - lo, per):
+            e = min(c + per, hi - lo)
+            dU = U[c:e] - self._prev_U[lo + c:lo + e]
+            dE = E[c:e] - self._prev_E[lo + c:lo + e]
+            num[c:e] = self._class_sums(dU * dE, lo + c, lo + e)
+            den[c:e] = self._class_sums(dU.square_(), lo + c, lo + e)
+            norm2[c:e] = U[c:e].flatten(2).pow(2).sum(-1, keepdim=True)
+        scale = norm2 * _MIN_RELATIVE_MOVE ** 2
         moved = (den > scale) & self._seen[lo:hi].view(-1, 1, 1)
         slope = torch.minimum((num / torch.where(moved, den, torch.ones_like(den))).clamp_min(0),
                               self.cap[lo:hi])

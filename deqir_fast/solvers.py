@@ -23,7 +23,7 @@ import torch
 
 from ._checks import raise_nonfinite
 from .ops import step_residuals
-from .ops.anderson import AndersonRing
+from .ops.anderson import AndersonRing, DifferenceRing
 
 # Leading steps freeze once the steps before them meet FREEZE_RATIO * tol. Freezing at
 # tol itself locks in errors that the chain then carries to x0: on the bundled model,
@@ -83,6 +83,16 @@ class Picard(Update):
         return FX
 
 
+def check_history_dtype(dtype) -> Optional[torch.dtype]:
+    """None (the history in the state dtype) or a floating torch dtype."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"history_dtype must be None or a floating torch.dtype (e.g. "
+                        f"torch.bfloat16), got {dtype!r}")
+    return dtype
+
+
 @register_solver("anderson")
 class Anderson(Update):
     """Anderson acceleration with one set of weights per (step, batch item): history
@@ -93,8 +103,12 @@ class Anderson(Update):
     uses_residual = False           # G = F(X) - X is written straight into the ring
 
     def __init__(self, history: int = 4, anderson_reg: float = 1e-4,
-                 anderson_damping: float = 1.0, **options):
+                 anderson_damping: float = 1.0, history_dtype: Optional[torch.dtype] = None,
+                 **options):
         self.history, self.reg, self.damping = history, anderson_reg, anderson_damping
+        # history_dtype: keep the history as differences in that dtype (DifferenceRing,
+        # e.g. bfloat16: 3.5 stacked states for history 4 instead of 8)
+        self.history_dtype = check_history_dtype(history_dtype)
         # The history lives in a preallocated ring (ops/anderson.py): entries are indexed
         # by absolute step, so frozen steps leave and new steps enter without re-stacking,
         # and each round adds one Gram row instead of recomputing the m x m matrices.
@@ -103,6 +117,11 @@ class Anderson(Update):
 
     def __call__(self, X, FX, G):
         W = X.shape[0]
+        if self.history_dtype is not None:
+            if self.ring is None or W > self.ring.rows:
+                self.ring = DifferenceRing(self.history, W, X[0], self.history_dtype)
+            return self.ring.update(self.lo, self.lo + W, X, FX, reg=self.reg,
+                                    damping=self.damping, prefix=self.prefix)
         if self.ring is None or W > self.ring.rows:
             # The first window is the widest (later ones only lose steps at the front or
             # are cut at S), so it sizes the ring.
@@ -241,6 +260,9 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             FX = system.scan(E, U, lo, hi, lin.jacobian(lo, hi))   # [hi-lo, B, ...]
             G = FX - X[lo:hi]
             r = step_residuals(G).to("cpu", torch.float64) * scale[lo:hi]   # the round's sync
+        # U and E are spent: release them before the update allocates its own temporaries
+        # (bench/round.py --memory).
+        del U, E
         bad = ~torch.isfinite(r)
         if bool(bad.any()):
             k = int(bad.nonzero()[0, 0])
@@ -272,7 +294,7 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
         # Release the round's buffers before the next round allocates its own: else the
         # peak holds two rounds' U, E and F(X) (measured: 4 stacked states for Picard
         # with J off instead of 3; bench/round.py --memory).
-        del U, E, FX, G
+        del FX, G
         if n_done == hi - lo and hi == S:
             stats.converged = True
             break

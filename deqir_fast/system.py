@@ -17,7 +17,7 @@ from ._checks import raise_nonfinite
 from .chains import Chain, StepCoefficients
 from .linearize import Linearization
 from .ops import affine_scan, affine_step, step_residuals
-from .ops.fused_round import fused_round, step_table, window_coefficients
+from .ops.fused_round import C_Q0, fused_round, step_table, window_coefficients
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -104,7 +104,45 @@ class ChainSystem:
 
     def residual_scale(self, floor: float) -> torch.Tensor:
         """[S] float64: residuals are measured in units of max(σ_i, floor)."""
-        return 1.0 / self.chain.noise_levels.clamp_min(floor)
+        scale = 1.0 / self.chain.noise_levels.clamp_min(floor)
+        self._derived_weight = self._derived_weights(scale)
+        return scale
+
+    def _derived_weights(self, scale: torch.Tensor) -> Optional[torch.Tensor]:
+        """[S] weights (state's device) of DDNM's range-space elements with λ = 1 in the
+        residual, or None for every other chain (docs/design.md §3b).
+
+        Such an element has P = 0: the state is sqrt(a')ȳ/s + Q ē, derived from the model
+        call, and x0's range part is ȳ/s whatever it holds. A change d in it (noise units
+        of state i) reaches the rest of the chain only through the next model call: at
+        most |Q_null(i+1)|·L(i+1)·d in the next state's null space (noise units of state
+        i+1), with L = 1/sqrt(1-ᾱ) the Lipschitz bound of ∂ε/∂x (the secant's cap). That
+        factor, at most 1, weights those elements: 0.05-0.14 at S = 100, so DDNM SR×2
+        stops on the residuals that move x0 (bench/RESULTS.md §8)."""
+        if self.spec is None or self.spec.sampler != "ddnm":
+            return None
+        S = self.num_steps
+        q_null = self._table[:, C_Q0].abs().cpu()
+        cap = (1.0 - self.chain.alpha).rsqrt()
+        w = torch.ones(S, dtype=torch.float64)
+        if S > 1:
+            w[:-1] = (q_null[1:] * cap[1:] * scale[1:] / scale[:-1]).clamp_max(1.0)
+        return w.to(device=self.coeffs.u0.device, dtype=self.coeffs.u0.dtype)
+
+    def residuals(self, D: torch.Tensor, lo: int, hi: int, scale: torch.Tensor) -> torch.Tensor:
+        """Per-step residual max|D_i| * scale_i ([hi-lo] float64) of a change D = F(X) - X
+        of steps lo..hi-1, with DDNM's derived range elements weighted
+        (``_derived_weights``). NaN-sticky."""
+        w = getattr(self, "_derived_weight", None)
+        if w is None:
+            return step_residuals(D).to(torch.float64) * scale
+        return self._weighted_max(D, lo, hi, w).to(torch.float64) * scale
+
+    def _weighted_max(self, D: torch.Tensor, lo: int, hi: int, w: torch.Tensor) -> torch.Tensor:
+        derived = self.chain.jacobian_classes(lo, hi, self.coeffs.u0) == 1
+        pad = (1,) * (D.dim() - 1)
+        weight = torch.where(derived, w[lo:hi].view(-1, *pad), torch.ones((), dtype=D.dtype, device=D.device))
+        return (D.abs() * weight).flatten(1).amax(1)
 
     def carry(self, X: torch.Tensor, lo: int) -> torch.Tensor:
         """The state entering step ``lo``."""
@@ -167,10 +205,19 @@ class ChainSystem:
         step. With a kernel spec and a per-class slope table (or no J) this is one fused
         op (``ops/fused_round.py``); otherwise the scan, then the residuals."""
         table_J = not lin.active or getattr(lin, "fixed", None) is None
+        w = getattr(self, "_derived_weight", None)
         if self.spec is not None and table_J and hasattr(lin, "slope_table"):
-            return self._fused(E, U, x_last, lo, hi, lin.slope_table(lo, hi), scale)
-        FX = self.scan(E, U, lo, hi, lin.jacobian(lo, hi))
-        r = torch.cat([step_residuals(FX[:-1] - U[1:]), step_residuals(FX[-1:] - x_last[None])])
+            FX, r = self._fused(E, U, x_last, lo, hi, lin.slope_table(lo, hi), scale)
+            if w is None:
+                return FX, r
+        else:
+            FX = self.scan(E, U, lo, hi, lin.jacobian(lo, hi))
+        # the residual again, weighted (DDNM), or not fused: one more pass over F(X) and X
+        if w is None:
+            r = torch.cat([step_residuals(FX[:-1] - U[1:]), step_residuals(FX[-1:] - x_last[None])])
+        else:
+            r = torch.cat([self._weighted_max(FX[:-1] - U[1:], lo, hi - 1, w),
+                           self._weighted_max(FX[-1:] - x_last[None], hi - 1, hi, w)])
         return FX, r.to(torch.float64) * scale
 
     def evaluate(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -189,6 +236,24 @@ class ChainSystem:
         e = self.eps_bar(c.u0.unsqueeze(0), 0)[0]
         a0 = chain.alpha[0].item()
         x0 = (c.u0 - (1 - a0) ** 0.5 * e) / a0 ** 0.5
+        an = chain.alpha_next.to(c.u0).view(-1, *([1] * c.u0.dim()))
+        return an.sqrt() * x0 + (1 - an).sqrt() * e
+
+    def pinv_init(self) -> torch.Tensor:
+        """The jump of ``jump_init`` with x̂0 taken from the measurement instead of the
+        model: x̂0 = ȳ/s = A⁺y on the spectral elements y sees with less than unit noise
+        gain (s > σ_y), 0 elsewhere; ε̂ is still the model's at the initial state (one
+        model call). The model's own x̂0 at t = T divides its error by sqrt(ᾱ_T) (~0.006
+        for linear betas): x0 starts 20-33 off the serial image, A⁺y 1-2 off, and the
+        restoration chains then need 2-4 fewer rounds (bench/RESULTS.md §8)."""
+        c, chain = self.coeffs, self.chain
+        if chain.operator is None or c.ybar is None:
+            raise ValueError("init='pinv' needs a restoration chain (DDRM or DDNM)")
+        e = self.eps_bar(c.u0.unsqueeze(0), 0)[0]
+        s = chain.operator.singulars_as(c.u0)
+        seen = s > getattr(chain, "sigma_y", 0.0)
+        ybar = c.ybar.to(c.u0)
+        x0 = torch.where(seen, ybar / torch.where(seen, s, torch.ones_like(s)), torch.zeros_like(ybar))
         an = chain.alpha_next.to(c.u0).view(-1, *([1] * c.u0.dim()))
         return an.sqrt() * x0 + (1 - an).sqrt() * e
 

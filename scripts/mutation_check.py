@@ -149,6 +149,31 @@ MUTANTS = [
     Mutant("cpp-ybar-batch", "C++ fused round reads ybar at batch stride 0 always",
            "kernels/fused_round_cpu.cpp", "const int64_t yb_b = hy && ybar->size(0) > 1 ? n : 0;",
            "const int64_t yb_b = 0;"),
+    # -- the residual weighting of DDNM's derived range elements (system.py) -----------------
+    Mutant("ddnm-weight-null", "DDNM's weight applied to the null space instead of the range",
+           "deqir_fast/system.py", "jacobian_classes(lo, hi, self.coeffs.u0) == 1",
+           "jacobian_classes(lo, hi, self.coeffs.u0) == 0"),
+    Mutant("ddnm-weight-no-cap", "the Lipschitz bound L dropped from the weight",
+           "deqir_fast/system.py", "q_null[1:] * cap[1:] * scale[1:]", "q_null[1:] * scale[1:]"),
+    Mutant("ddnm-fused-unweighted", "the fused round's residual returned unweighted",
+           "deqir_fast/system.py", "            if w is None:\n                return FX, r\n",
+           "            return FX, r\n"),
+    Mutant("sharded-unweighted", "the sharded solve's carry-corrected residual unweighted",
+           "deqir_fast/distributed.py", "if fused:       # the chain's own measure",
+           "if False:       # the chain's own measure"),
+    # -- initial guesses (api.py, system.py) --------------------------------------------------
+    Mutant("pinv-ignores-sigma-y", "pinv start takes ȳ/s on every s > 0 (noise amplified)",
+           "deqir_fast/system.py", 'seen = s > getattr(chain, "sigma_y", 0.0)', "seen = s > 0"),
+    Mutant("auto-init-jump", "init='auto' resolves to 'jump' for restoration chains",
+           "deqir_fast/api.py", 'init = "pinv" if chain.operator is not None else "jump"',
+           'init = "jump"'),
+    # -- Anderson history in 16 bits (ops/anderson.DifferenceRing) ----------------------------
+    Mutant("diffring-view", "the mix updates a view of the ring (history overwritten)",
+           "deqir_fast/ops/anderson.py", ".to(g.dtype, copy=True)", ".to(g.dtype)"),
+    Mutant("diffring-span", "a difference pair used on steps only one of its rounds saw",
+           "deqir_fast/ops/anderson.py", "a, b = max(lo, plo), min(hi, phi)", "a, b = plo, phi"),
+    Mutant("diffring-no-prefix", "triangular weights of the difference ring not prefix-summed",
+           "deqir_fast/ops/anderson.py", "H, rhs = H.cumsum(0), rhs.cumsum(0)", "H, rhs = H, rhs"),
 ]
 
 

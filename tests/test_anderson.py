@@ -136,3 +136,78 @@ def test_ring_never_reads_stale_rows(impl):
         clean.push(lo, hi, X, G)
         a, b = poisoned.mix(lo, hi, prefix=True), clean.mix(lo, hi, prefix=True)
         assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def _toy_map(X, lo, b):
+    """A nonlinear contraction per step, coupling the elements of a state."""
+    return 0.6 * torch.tanh(X) + 0.25 * X.roll(1, -1) + b[lo:lo + X.shape[0]]
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+@pytest.mark.parametrize("rows,windows", [
+    (6, [(0, 6), (0, 6), (1, 6), (2, 6), (2, 6), (4, 6), (4, 6)]),     # frozen steps drop
+    (4, [(0, 4), (1, 5), (1, 5), (3, 7), (4, 8), (4, 8), (6, 9)]),     # a sliding window wraps
+])
+def test_difference_ring_gives_the_constrained_rings_iterates(prefix, rows, windows):
+    """DifferenceRing (history as differences) against AndersonRing (X, G entries) on the
+    solver's own loop over fresh random states: the same Anderson iterates (both forms
+    solve the same least-squares problem; tiny regularisation, float64). Steps entering
+    the window start from the last state, as in the solver."""
+    from deqir_fast.ops.anderson import AndersonRing, DifferenceRing
+    gen = torch.Generator().manual_seed(rows)
+    m, B, item, S = 3, 2, (3, 4, 5), windows[-1][1]
+    b = torch.randn((S, B, *item), generator=gen, dtype=torch.float64)
+    start = torch.randn((S, B, *item), generator=gen, dtype=torch.float64)
+    like = start[0]
+    rings = {"constrained": AndersonRing(m, rows, like),
+             "difference": DifferenceRing(m, rows, like, torch.float64)}
+    rings["constrained"].native = False
+    states = {k: start.clone() for k in rings}
+    hi_prev = windows[0][1]
+    for lo, hi in windows:
+        for k, ring in rings.items():
+            Xall = states[k]
+            if hi > hi_prev:
+                Xall[hi_prev:hi] = Xall[hi_prev - 1]
+            X = Xall[lo:hi]
+            FX = _toy_map(X, lo, b)
+            if k == "constrained":
+                ring.push(lo, hi, X, FX=FX)
+                ring.mix(lo, hi, reg=1e-13, damping=0.8, prefix=prefix, out=X)
+            else:
+                ring.update(lo, hi, X, FX, reg=1e-13, damping=0.8, prefix=prefix)
+        hi_prev = hi
+        a, d = states["constrained"][lo:hi], states["difference"][lo:hi]
+        assert torch.allclose(a, d, rtol=1e-8, atol=1e-8), ((lo, hi), (a - d).abs().max())
+    # the history did something: not a damped Picard step
+    picard = start.clone()[windows[-1][0]:windows[-1][1]]
+    assert not torch.allclose(states["difference"][windows[-1][0]:windows[-1][1]], picard)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_difference_ring_stores_its_history_in_the_given_dtype(dtype):
+    """History m holds m - 1 (ΔX, ΔG) pairs and the last residual, all in ``dtype``."""
+    from deqir_fast.ops.anderson import DifferenceRing
+    like = torch.zeros((2, 3, 4, 5))
+    ring = DifferenceRing(4, 7, like, dtype)
+    held = [ring.dX, ring.dG, ring.g_prev]
+    assert all(t.dtype == dtype for t in held)
+    assert sum(t.numel() for t in held) == (2 * 3 + 1) * 7 * like.numel()
+
+
+def test_difference_ring_forgets_poisoned_history():
+    """After forget() (the divergence restart) nothing from before enters the mix, even
+    rows holding NaN/Inf: the next update is the damped Picard step."""
+    from deqir_fast.ops.anderson import DifferenceRing
+    gen = torch.Generator().manual_seed(3)
+    like = torch.zeros((2, 3, 4))
+    ring = DifferenceRing(3, 5, like, torch.bfloat16)
+    for _ in range(3):
+        X = torch.full((5, 2, 3, 4), float("nan"))
+        ring.update(0, 5, X, torch.full_like(X, float("inf")))
+    ring.forget()
+    X = torch.randn((4, 2, 3, 4), generator=gen)
+    FX = torch.randn((4, 2, 3, 4), generator=gen)
+    want = X + 0.7 * (FX - X)
+    got = ring.update(1, 5, X.clone(), FX, damping=0.7)
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-6)

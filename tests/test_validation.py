@@ -88,3 +88,11 @@ def test_integer_dtypes_are_type_errors(schedule, setup):
         dq.solve(model, dq.DDIM(schedule, ts), x_T.int())
     with pytest.raises(TypeError, match="y"):
         dq.DDNM(schedule, ts, operator=op, y=y.int())
+
+
+@pytest.mark.parametrize("bad,exc", [(torch.int32, TypeError), ("bfloat16", TypeError)])
+def test_history_dtype_must_be_a_floating_dtype(bad, exc):
+    import deqir_fast as dq
+    model, chain, x_T = dq.testing.readme_problem("DDIM", 0)
+    with pytest.raises(exc, match="history_dtype"):
+        dq.solve(model, chain, x_T, solver="anderson", history_dtype=bad, max_iter=1)

@@ -62,6 +62,18 @@ def anderson_weights(H: torch.Tensor, valid: torch.Tensor, *, reg: float = 1e-4,
     return torch.where(ok, alpha, newest)
 
 
+def ring_segments(lo: int, hi: int, rows: int):
+    """(window offset, row start, length) pieces of steps lo..hi-1 in a ring of ``rows``
+    rows indexed by step % rows."""
+    out, w = [], 0
+    while lo + w < hi:
+        r = (lo + w) % rows
+        n = min(hi - lo - w, rows - r)
+        out.append((w, r, n))
+        w += n
+    return out
+
+
 # float64 products of a history entry with the newest one are formed this many values at
 # a time, so the Gram update never holds more than ~16 MB of float64 temporaries.
 _GRAM_CHUNK = 1 << 20
@@ -102,14 +114,7 @@ class AndersonRing:
         return [(self.count - h + i) % self.m for i in range(h)]
 
     def _segments(self, lo: int, hi: int):
-        """(window offset, row start, length) pieces of steps lo..hi-1 in the ring."""
-        out, w = [], 0
-        while lo + w < hi:
-            r = (lo + w) % self.rows
-            n = min(hi - lo - w, self.rows - r)
-            out.append((w, r, n))
-            w += n
-        return out
+        return ring_segments(lo, hi, self.rows)
 
     def valid(self, lo: int, hi: int, slots) -> torch.Tensor:
         steps = torch.arange(lo, hi)
@@ -249,3 +254,138 @@ def _runs(mask: torch.Tensor):
     if start is not None:
         out.append((start, len(mask)))
     return out
+
+
+class DifferenceRing:
+    """Anderson history in a low-precision dtype (``solve(..., history_dtype=...)``), in
+    the difference form (Walker & Ni 2011, §2): per (step, batch item)
+
+        γ = argmin ||g_k - Σ_j γ_j ΔG_j||² (+ reg),   x_{k+1} = x_k + d g_k - Σ_j γ_j (ΔX_j + d ΔG_j),
+
+    with ΔX_j = x_{j+1} - x_j, ΔG_j = g_{j+1} - g_j over the last m - 1 rounds. It gives
+    the same iterates as the constrained form of ``AndersonRing`` (Σ α = 1) up to the
+    regularisation; the point is what it stores. Differences and the previous residual
+    shrink with the residual, so rounding them to bfloat16 perturbs each update by
+    ~2⁻⁸ of its own size, not of the state: the solve still converges to the serial
+    answer (the fixed point is F's alone). Held: m - 1 pairs (ΔX, ΔG) and g_{k-1}, i.e.
+    (2m - 1) stacked states in ``dtype`` (3.5 float32 states for m = 4 in bfloat16,
+    against 8 for ``AndersonRing``; bench/round.py --memory). Torch ops only (the
+    native Gram/mix kernels read float32/float64 rings).
+
+    Rows are indexed by absolute step (row = step % rows), as in ``AndersonRing``; an
+    entry is used at step s only where both rounds it spans evaluated s."""
+
+    def __init__(self, m: int, rows: int, like: torch.Tensor, dtype: torch.dtype):
+        if m < 1 or rows < 1:
+            raise ValueError(f"DifferenceRing needs m >= 1 and rows >= 1, got {m}, {rows}")
+        self.m, self.rows, self.dtype = m, rows, dtype
+        self.item_shape = tuple(like.shape)
+        d = max(m - 1, 0)
+        self.dX = torch.zeros((d, rows, *like.shape), dtype=dtype, device=like.device)
+        self.dG = torch.zeros((d, rows, *like.shape), dtype=dtype, device=like.device)
+        self.g_prev = torch.zeros((rows, *like.shape), dtype=dtype, device=like.device)
+        # host bookkeeping: the steps [lo, hi) each pair is valid on; the previous round's
+        # window (where g_prev and the pending ΔX are); pairs held, oldest first.
+        self.span = [(0, 0)] * d
+        self.order: list = []
+        self.prev = None            # (lo, hi) of the last update, or None after forget()
+        self.pending = None         # slot whose ΔX awaits its ΔG
+
+    def forget(self) -> None:
+        self.order, self.prev, self.pending = [], None, None
+
+    def _rows(self, lo: int, hi: int):
+        return ring_segments(lo, hi, self.rows)
+
+    def update(self, lo: int, hi: int, X: torch.Tensor, FX: torch.Tensor, *, reg: float = 1e-4,
+               damping: float = 1.0, prefix: bool = False) -> torch.Tensor:
+        """The next iterate of steps lo..hi-1, written into X ([hi-lo, *item]) in place."""
+        W = hi - lo
+        if W > self.rows:
+            raise ValueError(f"a window of {W} steps does not fit {self.rows} rows")
+        segs = self._rows(lo, hi)
+        g = torch.sub(FX, X)                                   # the round's one temporary
+        d = self.dX.shape[0]
+        # 1. the pending pair's ΔG = g_k - g_{k-1}, on the steps both rounds evaluated
+        if d and self.pending is not None and self.prev is not None:
+            plo, phi = self.prev
+            a, b = max(lo, plo), min(hi, phi)
+            if a < b:
+                p = self.pending
+                per_row = max(1, _GRAM_CHUNK // max(1, g[0].numel()))   # bounded temporaries
+                for w, r, n in self._rows(a, b):
+                    o = a - lo + w
+                    for c in range(0, n, per_row):
+                        e = min(c + per_row, n)
+                        self.dG[p, r + c:r + e].copy_(g[o + c:o + e] - self.g_prev[r + c:r + e].to(g.dtype))
+                self.span[p] = (a, b)
+                self.order.append(p)
+                if len(self.order) > d:
+                    self.order.pop(0)
+        for w, r, n in segs:
+            self.g_prev[r:r + n].copy_(g[w:w + n])
+        # 2. γ per (step, item) from the pairs valid there (float64 normal equations)
+        held = list(self.order)
+        if held:
+            gamma = self._weights(lo, hi, segs, g, held, reg, prefix)      # [W, B, h] host-free
+        # 3. the step x_{k+1} - x_k = d g - Σ γ_j (ΔX_j + d ΔG_j), built in g
+        g.mul_(damping)
+        if held:
+            pad = (1,) * (len(self.item_shape) - 1)
+            per_row = max(1, _GRAM_CHUNK // max(1, g[0].numel()))   # bounded temporaries
+            for k, j in enumerate(held):
+                for w, r, n in segs:
+                    for c in range(0, n, per_row):
+                        e = min(c + per_row, n)
+                        coef = gamma[w + c:w + e, :, k].to(g.dtype).reshape(e - c, -1, *pad)
+                        term = self.dX[j, r + c:r + e].to(g.dtype, copy=True)   # not a view of the ring
+                        term.add_(self.dG[j, r + c:r + e].to(g.dtype), alpha=damping)
+                        g[w + c:w + e].addcmul_(term, coef, value=-1)
+        X.add_(g)
+        # 4. that step is the next pair's ΔX (its ΔG comes with the next round's residual)
+        if d:
+            used = set(self.order)
+            p = next(s for s in range(d) if s not in used) if len(used) < d else self.order.pop(0)
+            for w, r, n in segs:
+                self.dX[p, r:r + n].copy_(g[w:w + n])
+            self.pending = p
+        self.prev = (lo, hi)
+        return X
+
+    def _weights(self, lo, hi, segs, g, held, reg, prefix):
+        """γ [W, B, h] (state dtype's device, float64): the regularised normal equations
+        of the valid pairs at each step (prefix-summed over steps when ``prefix``); a
+        failed or non-finite solve falls back to γ = 0 (a damped Picard step)."""
+        W, B, h = hi - lo, g.shape[1], len(held)
+        dev = g.device
+        H = torch.zeros((W, B, h, h), dtype=torch.float64, device=dev)
+        rhs = torch.zeros((W, B, h), dtype=torch.float64, device=dev)
+        per_row = max(1, _GRAM_CHUNK // max(1, g[0].numel()))
+        for w, r, n in segs:
+            for c in range(0, n, per_row):
+                e = min(c + per_row, n)
+                gi = g[w + c:w + e].flatten(2).to(torch.float64)
+                cols = [self.dG[j, r + c:r + e].flatten(2).to(torch.float64) for j in held]
+                for a_, A in enumerate(cols):
+                    rhs[w + c:w + e, :, a_] = (A * gi).sum(-1)
+                    for b_ in range(a_ + 1):
+                        v = (A * cols[b_]).sum(-1)
+                        H[w + c:w + e, :, a_, b_] = v
+                        H[w + c:w + e, :, b_, a_] = v
+        steps = torch.arange(lo, hi)
+        valid = torch.stack([(steps >= self.span[j][0]) & (steps < self.span[j][1]) for j in held])
+        v = valid.transpose(0, 1).to(dev, torch.float64)[:, None, :]          # [W, 1, h]
+        H = H * v[..., :, None] * v[..., None, :]
+        rhs = rhs * v
+        if prefix:
+            H, rhs = H.cumsum(0), rhs.cumsum(0)
+            H = H * v[..., :, None] * v[..., None, :]
+            rhs = rhs * v
+        diag = torch.diagonal(H, dim1=-2, dim2=-1)
+        scale = diag.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        # regularise relative to the largest pair norm; pin pairs not valid at a step
+        H = H + torch.diag_embed(reg * scale + (1.0 - v) * 1e12 * scale)
+        sol, info = torch.linalg.solve_ex(H, rhs.unsqueeze(-1))
+        gamma = sol.squeeze(-1) * v
+        ok = (info == 0)[..., None] & torch.isfinite(gamma).all(-1, keepdim=True)
+        return torch.where(ok, gamma, torch.zeros_like(gamma))

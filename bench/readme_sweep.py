@@ -1,0 +1,41 @@
+"""The promise `converged=True` ⇒ max|x0 - serial| < 2/255, swept over seeds of the README's
+Gaussian-mixture problem (DDRM inpainting) and its DDNM / DDIM (η 0.5) variants, with the
+default solve (tests/test_solvers.py runs a 13-seed subset in CI).
+
+    OMP_NUM_THREADS=1 python bench/readme_sweep.py --kinds DDRM,DDNM,DDIM --seeds 300
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import deqir_fast as dq
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kinds", default="DDRM,DDNM,DDIM")
+    p.add_argument("--seeds", type=int, default=300)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print("| problem | seeds | converged | converged but over 2/255 | worst max abs x0 - serial | rounds (mean / max) |")
+    print("|---|---|---|---|---|---|")
+    for kind in args.kinds.split(","):
+        worst, rounds, over, conv = 0.0, [], 0, 0
+        for seed in range(args.seeds):
+            model, chain, x_T = dq.testing.readme_problem(kind, seed)
+            gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+            serial = dq.sample_serial(model, chain, x_T, generator=gen())
+            res = dq.solve(model, chain, x_T, generator=gen())
+            err = (res.x0 - serial).abs().max().item()
+            conv += res.converged
+            over += bool(res.converged and err >= 2 / 255)
+            worst = max(worst, err)
+            rounds.append(res.iterations)
+        print(f"| readme-{kind} | {args.seeds} | {conv} | {over} | {worst:.1e} | "
+              f"{sum(rounds) / len(rounds):.1f} / {max(rounds)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
