@@ -39,6 +39,7 @@ step probes_bands      python probes.py bands
 step probes_secant     python probes.py secant
 step probes_stop       python probes.py stop
 step probes_trace      python probes.py stop --trace DDNM-sr2
+step readme_sweep      python readme_sweep.py --seeds 300                                    # §8, the promise
 step peers             python peers.py                                                       # §9
 step gradients_cost    python gradients.py cost --steps 100,1000                             # §10
 step sharding          python sharding.py                                                    # §12
