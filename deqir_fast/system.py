@@ -17,7 +17,7 @@ from ._checks import raise_nonfinite
 from .chains import Chain, StepCoefficients
 from .linearize import Linearization
 from .ops import affine_scan, affine_step, step_residuals
-from .ops.fused_round import C_Q0, fused_round, step_table, window_coefficients
+from .ops.fused_round import C_Q0, C_R, C_SN, fused_round, step_table, window_coefficients
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -114,19 +114,32 @@ class ChainSystem:
 
         Such an element has P = 0: the state is sqrt(a')ȳ/s + Q ē, derived from the model
         call, and x0's range part is ȳ/s whatever it holds. A change d in it (noise units
-        of state i) reaches the rest of the chain only through the next model call: at
-        most |Q_null(i+1)|·L(i+1)·d in the next state's null space (noise units of state
-        i+1), with L = 1/sqrt(1-ᾱ) the Lipschitz bound of ∂ε/∂x (the secant's cap). That
-        factor, at most 1, weights those elements: 0.05-0.14 at S = 100, so DDNM SR×2
-        stops on the residuals that move x0 (bench/RESULTS.md §8)."""
+        of state i) moves the next state's other elements only through the next model
+        call: by at most max|Q_other(i+1)|·L(i+1)·d (noise units of state i+1), with
+        L = 1/sqrt(1-ᾱ) the Lipschitz bound of ∂ε/∂x (the secant's cap) and Q_other the
+        null space's Q or, with σ_y > 0, the largest |Q| of the λ < 1 elements (DDNM+:
+        |Q| = sqrt(a')(1-λ)sqrt(1-a)/sqrt(a), largest at the smallest singular value).
+        That factor, at most 1, weights them: 0.05-0.14 at S = 100 (σ_y = 0). It bounds
+        one step's leak; what the derived elements of the next state pass on is weighted
+        again there, not bounded here: the rule is calibrated, not proven (§3b)."""
         if self.spec is None or self.spec.sampler != "ddnm":
             return None
         S = self.num_steps
-        q_null = self._table[:, C_Q0].abs().cpu()
+        T = self._table.cpu()
+        q_other = T[:, C_Q0].abs()
+        sigma_y = float(self.spec.sigma_y)
+        if sigma_y > 0:
+            s = self.spec.singulars.to(torch.float64)
+            s_min = float(s[s > 0].min()) if bool((s > 0).any()) else 0.0
+            r, sn, a = T[:, C_R], T[:, C_SN], self.chain.alpha
+            partial = (s_min > 0) & (sn * s_min < r * sigma_y)        # λ < 1 at s_min
+            lam = sn * s_min / (r * sigma_y)
+            q2 = r * (1 - lam) * (1 - a).sqrt() / a.sqrt()
+            q_other = torch.where(partial, torch.maximum(q_other, q2.abs()), q_other)
         cap = (1.0 - self.chain.alpha).rsqrt()
         w = torch.ones(S, dtype=torch.float64)
         if S > 1:
-            w[:-1] = (q_null[1:] * cap[1:] * scale[1:] / scale[:-1]).clamp_max(1.0)
+            w[:-1] = (q_other[1:] * cap[1:] * scale[1:] / scale[:-1]).clamp_max(1.0)
         return w.to(device=self.coeffs.u0.device, dtype=self.coeffs.u0.dtype)
 
     def residuals(self, D: torch.Tensor, lo: int, hi: int, scale: torch.Tensor) -> torch.Tensor:
@@ -136,13 +149,30 @@ class ChainSystem:
         w = getattr(self, "_derived_weight", None)
         if w is None:
             return step_residuals(D).to(torch.float64) * scale
-        return self._weighted_max(D, lo, hi, w).to(torch.float64) * scale
+        return self._weighted_max(D, None, lo, hi, w).to(torch.float64) * scale
 
-    def _weighted_max(self, D: torch.Tensor, lo: int, hi: int, w: torch.Tensor) -> torch.Tensor:
-        derived = self.chain.jacobian_classes(lo, hi, self.coeffs.u0) == 1
-        pad = (1,) * (D.dim() - 1)
-        weight = torch.where(derived, w[lo:hi].view(-1, *pad), torch.ones((), dtype=D.dtype, device=D.device))
-        return (D.abs() * weight).flatten(1).amax(1)
+    def _weighted_max(self, A: torch.Tensor, B: Optional[torch.Tensor], lo: int, hi: int,
+                      w: torch.Tensor) -> torch.Tensor:
+        """max over each step's elements of |A - B| (|A| when B is None), DDNM's derived
+        elements times w_i; in chunks of steps, so the temporaries stay a few MB (not
+        window-sized: bench/round.py --memory). The derived mask (s > 0 and σ'·s ≥
+        sqrt(a')·σ_y, ``DDNM.jacobian_classes`` == 1) is computed on the device from the
+        step table: no host copies in the round (CUDA graphs, check_every)."""
+        out = torch.empty(hi - lo, dtype=A.dtype, device=A.device)
+        pad = (1,) * (A.dim() - 1)
+        s = self._s.unsqueeze(0)                                       # [1, C, H, W]
+        sigma_y = float(self.spec.sigma_y)
+        per = max(1, (1 << 22) // max(1, A[0:1].numel()))     # A may hold no steps
+        for c in range(0, hi - lo, per):
+            e = min(c + per, hi - lo)
+            T = self._table[lo + c:lo + e].to(A.dtype)
+            sn, r = T[:, C_SN].view(-1, 1, 1, 1, 1), T[:, C_R].view(-1, 1, 1, 1, 1)
+            derived = (s > 0) & (sn * s >= r * sigma_y)                 # [n, 1, C, H, W]
+            D = A[c:e] if B is None else A[c:e] - B[c:e]
+            D = D.abs_() if B is not None else D.abs()
+            D = torch.where(derived, D * w[lo + c:lo + e].view(-1, *pad), D)
+            out[c:e] = D.flatten(1).amax(1)
+        return out
 
     def carry(self, X: torch.Tensor, lo: int) -> torch.Tensor:
         """The state entering step ``lo``."""
@@ -216,8 +246,8 @@ class ChainSystem:
         if w is None:
             r = torch.cat([step_residuals(FX[:-1] - U[1:]), step_residuals(FX[-1:] - x_last[None])])
         else:
-            r = torch.cat([self._weighted_max(FX[:-1] - U[1:], lo, hi - 1, w),
-                           self._weighted_max(FX[-1:] - x_last[None], hi - 1, hi, w)])
+            r = torch.cat([self._weighted_max(FX[:-1], U[1:], lo, hi - 1, w),
+                           self._weighted_max(FX[-1:], x_last[None], hi - 1, hi, w)])
         return FX, r.to(torch.float64) * scale
 
     def evaluate(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
