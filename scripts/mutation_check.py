@@ -151,10 +151,10 @@ MUTANTS = [
            "const int64_t yb_b = 0;"),
     # -- the residual weighting of DDNM's derived range elements (system.py) -----------------
     Mutant("ddnm-weight-null", "DDNM's weight applied to the null space instead of the range",
-           "deqir_fast/system.py", "jacobian_classes(lo, hi, self.coeffs.u0) == 1",
-           "jacobian_classes(lo, hi, self.coeffs.u0) == 0"),
+           "deqir_fast/system.py", "derived = (s > 0) & (sn * s >= r * sigma_y)",
+           "derived = (s == 0) & (sn * s >= r * sigma_y)"),
     Mutant("ddnm-weight-no-cap", "the Lipschitz bound L dropped from the weight",
-           "deqir_fast/system.py", "q_null[1:] * cap[1:] * scale[1:]", "q_null[1:] * scale[1:]"),
+           "deqir_fast/system.py", "q_other[1:] * cap[1:] * scale[1:]", "q_other[1:] * scale[1:]"),
     Mutant("ddnm-fused-unweighted", "the fused round's residual returned unweighted",
            "deqir_fast/system.py", "            if w is None:\n                return FX, r\n",
            "            return FX, r\n"),
