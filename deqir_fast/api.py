@@ -24,8 +24,9 @@ from .system import ChainSystem, Model
 DEFAULT_TOL = 1e-2
 DEFAULT_FLOOR = 0.1
 DEFAULT_INIT = "auto"
-# The initial guesses that cost one model call on B images (counted in nfe).
 INITS = ("auto", "jump", "pinv", "x_T")
+# The initial guesses that cost one model call on B images (counted in nfe).
+INITS_WITH_MODEL_CALL = ("auto", "jump", "pinv")
 DEFAULT_SOLVER = "picard"
 DEFAULT_LINEARIZE = "secant"
 # Adjoint stopping rule, relative to max|dL/dx0|. Measured on DDIM-100 with the bundled

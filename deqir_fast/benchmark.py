@@ -506,7 +506,7 @@ def run_config(bm: BenchModel, cfg: BenchConfig, chain_name: str, chain, S: int,
             continue
         res = first[m].out
         kw = kwargs[m]
-        jump = kw.get("init", dq.api.DEFAULT_INIT) in ("auto", "jump", "pinv")   # one model call
+        jump = kw.get("init", dq.api.DEFAULT_INIT) in dq.api.INITS_WITH_MODEL_CALL
         calls = res.iterations + (1 if jump else 0)
         row.update(settings=effective_settings(kw), rounds=res.iterations, nfe=res.nfe,
                    sequential_calls=calls,

@@ -103,7 +103,10 @@ class ChainSystem:
         return self.chain.num_steps
 
     def residual_scale(self, floor: float) -> torch.Tensor:
-        """[S] float64: residuals are measured in units of max(σ_i, floor)."""
+        """[S] float64: residuals are measured in units of max(σ_i, floor). Also sets
+        the DDNM weights for this floor (``_derived_weights``), which every later
+        ``residuals``/``round_and_residuals`` call of the solve uses: each solver loop
+        calls this once, before its first round."""
         scale = 1.0 / self.chain.noise_levels.clamp_min(floor)
         self._derived_weight = self._derived_weights(scale)
         return scale
@@ -262,11 +265,14 @@ class ChainSystem:
         """Every state set to the one-step DDIM jump from the initial state to its noise
         level: x_i = sqrt(a'_i) x̂0 + sqrt(1 - a'_i) ε̂ with (x̂0, ε̂) the model's
         prediction at step 0 (one model call on B images)."""
-        c, chain = self.coeffs, self.chain
+        c = self.coeffs
         e = self.eps_bar(c.u0.unsqueeze(0), 0)[0]
-        a0 = chain.alpha[0].item()
-        x0 = (c.u0 - (1 - a0) ** 0.5 * e) / a0 ** 0.5
-        an = chain.alpha_next.to(c.u0).view(-1, *([1] * c.u0.dim()))
+        a0 = self.chain.alpha[0].item()
+        return self._jump((c.u0 - (1 - a0) ** 0.5 * e) / a0 ** 0.5, e)
+
+    def _jump(self, x0: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """[S, ...]: x_i = sqrt(a'_i) x0 + sqrt(1 - a'_i) e for every step."""
+        an = self.chain.alpha_next.to(x0).view(-1, *([1] * x0.dim()))
         return an.sqrt() * x0 + (1 - an).sqrt() * e
 
     def pinv_init(self) -> torch.Tensor:
@@ -284,8 +290,7 @@ class ChainSystem:
         seen = s > getattr(chain, "sigma_y", 0.0)
         ybar = c.ybar.to(c.u0)
         x0 = torch.where(seen, ybar / torch.where(seen, s, torch.ones_like(s)), torch.zeros_like(ybar))
-        an = chain.alpha_next.to(c.u0).view(-1, *([1] * c.u0.dim()))
-        return an.sqrt() * x0 + (1 - an).sqrt() * e
+        return self._jump(x0, e)
 
     def serial(self, callback: Optional[Callable] = None) -> torch.Tensor:
         """The reference serial sampler: S model calls, one step at a time."""

@@ -278,7 +278,7 @@ class DifferenceRing:
     def __init__(self, m: int, rows: int, like: torch.Tensor, dtype: torch.dtype):
         if m < 1 or rows < 1:
             raise ValueError(f"DifferenceRing needs m >= 1 and rows >= 1, got {m}, {rows}")
-        self.m, self.rows, self.dtype = m, rows, dtype
+        self.m, self.rows = m, rows
         self.item_shape = tuple(like.shape)
         d = max(m - 1, 0)
         self.dX = torch.zeros((d, rows, *like.shape), dtype=dtype, device=like.device)
