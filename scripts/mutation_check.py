@@ -172,6 +172,9 @@ MUTANTS = [
            "deqir_fast/ops/anderson.py", ".to(g.dtype, copy=True)", ".to(g.dtype)"),
     Mutant("diffring-span", "a difference pair used on steps only one of its rounds saw",
            "deqir_fast/ops/anderson.py", "a, b = max(lo, plo), min(hi, phi)", "a, b = plo, phi"),
+    Mutant("diffring-history-ignored", "the 16-bit history thrown away (γ = 0: damped Picard)",
+           "deqir_fast/ops/anderson.py", "        return torch.where(ok, gamma, torch.zeros_like(gamma))",
+           "        return torch.zeros_like(gamma)"),
     Mutant("diffring-no-prefix", "triangular weights of the difference ring not prefix-summed",
            "deqir_fast/ops/anderson.py", "H, rhs = H.cumsum(0), rhs.cumsum(0)", "H, rhs = H, rhs"),
 ]
