@@ -213,6 +213,31 @@ def test_difference_ring_forgets_poisoned_history():
     assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("prefix", [False, True])
+def test_difference_ring_never_reads_stale_rows(prefix):
+    """After forget() the rows still hold the poisoned history. When the window grows onto
+    steps a held pair does not span, those steps get γ = 0 from that pair, and its stale
+    rows must contribute nothing (not 0 · NaN): same iterates as a ring never poisoned."""
+    from deqir_fast.ops.anderson import DifferenceRing
+    gen = torch.Generator().manual_seed(4)
+    like = torch.zeros((2, 3, 4), dtype=torch.float64)
+    poisoned = DifferenceRing(3, 6, like, torch.float64)
+    clean = DifferenceRing(3, 6, like, torch.float64)
+    for _ in range(3):
+        X = torch.full((6, 2, 3, 4), float("nan"), dtype=torch.float64)
+        poisoned.update(0, 6, X, torch.full_like(X, float("inf")))
+    poisoned.forget()
+    start = torch.randn((6, 2, 3, 4), generator=gen, dtype=torch.float64)
+    b = torch.randn((6, 2, 3, 4), generator=gen, dtype=torch.float64)
+    states = [start.clone(), start.clone()]
+    for lo, hi in [(0, 3), (0, 3), (0, 6), (0, 6), (1, 6)]:
+        for ring, Xall in zip((poisoned, clean), states):
+            X = Xall[lo:hi]
+            ring.update(lo, hi, X, _toy_map(X, lo, b), damping=0.8, prefix=prefix)
+        assert torch.isfinite(states[0]).all(), (lo, hi)
+        assert torch.equal(states[0], states[1]), (lo, hi)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_16_bit_difference_ring_stays_close_to_the_full_precision_mix(dtype):
     """Rounded to 16 bits, the history still gives Anderson's iterates: after each round

@@ -334,7 +334,12 @@ class DifferenceRing:
             pad = (1,) * (len(self.item_shape) - 1)
             per_row = max(1, _GRAM_CHUNK // max(1, g[0].numel()))   # bounded temporaries
             for k, j in enumerate(held):
-                for w, r, n in segs:
+                # only the steps the pair is valid on: elsewhere γ is 0, and a stale row
+                # (say a non-finite one from a round that was thrown away) must not leak
+                # in as 0 · NaN
+                a, b = max(lo, self.span[j][0]), min(hi, self.span[j][1])
+                for w, r, n in (self._rows(a, b) if a < b else ()):
+                    w += a - lo
                     for c in range(0, n, per_row):
                         e = min(c + per_row, n)
                         coef = gamma[w + c:w + e, :, k].to(g.dtype).reshape(e - c, -1, *pad)
@@ -375,12 +380,14 @@ class DifferenceRing:
         steps = torch.arange(lo, hi)
         valid = torch.stack([(steps >= self.span[j][0]) & (steps < self.span[j][1]) for j in held])
         v = valid.transpose(0, 1).to(dev, torch.float64)[:, None, :]          # [W, 1, h]
-        H = H * v[..., :, None] * v[..., None, :]
-        rhs = rhs * v
+        # where(), not a product: a stale row's NaN must not survive as 0 · NaN
+        pair_ok = (v[..., :, None] * v[..., None, :]) > 0
+        H = torch.where(pair_ok, H, 0.0)
+        rhs = torch.where(v > 0, rhs, 0.0)
         if prefix:
             H, rhs = H.cumsum(0), rhs.cumsum(0)
-            H = H * v[..., :, None] * v[..., None, :]
-            rhs = rhs * v
+            H = torch.where(pair_ok, H, 0.0)
+            rhs = torch.where(v > 0, rhs, 0.0)
         diag = torch.diagonal(H, dim1=-2, dim2=-1)
         scale = diag.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         # regularise relative to the largest pair norm; pin pairs not valid at a step
