@@ -78,6 +78,22 @@ def _draw_noise(chain: Chain, x_T, noise, generator, dtype):
     return noise.to(dtype)
 
 
+def initial_states(system, init: str = DEFAULT_INIT):
+    """The stacked initial states of ``system`` for a named ``init`` (see ``solve``) and the
+    model calls they cost: ``"auto"`` is ``"pinv"`` for a chain with an operator, else
+    ``"jump"``."""
+    if init == "auto":
+        init = "pinv" if system.chain.operator is not None else "jump"
+    if init == "x_T":
+        u0 = system.coeffs.u0
+        return u0.unsqueeze(0).repeat(system.chain.num_steps, *([1] * u0.dim())), 0
+    if init == "jump":
+        return system.jump_init(), 1
+    if init == "pinv":
+        return system.pinv_init(), 1
+    raise ValueError(f"init must be one of {INITS} or a states tensor, got {init!r}")
+
+
 def _prepare(model, chain: Chain, x_T, noise, generator, with_grad: bool = False,
              allow_tf32: bool = False):
     if not isinstance(chain, Chain):
@@ -237,18 +253,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
     extra_nfe = 0
     with torch.no_grad():
         if isinstance(init, str):
-            if init == "auto":
-                init = "pinv" if chain.operator is not None else "jump"
-            if init == "x_T":
-                X = u0.unsqueeze(0).repeat(S, *([1] * u0.dim()))
-            elif init == "jump":
-                X = system.jump_init()
-                extra_nfe = 1
-            elif init == "pinv":
-                X = system.pinv_init()
-                extra_nfe = 1
-            else:
-                raise ValueError(f"init must be one of {INITS} or a states tensor, got {init!r}")
+            X, extra_nfe = initial_states(system, init)
         else:
             check_tensor("init", init, shape=(S, *x_T.shape))
             X = chain.to_basis(init.detach().to(u0).flatten(0, 1)).view(S, *u0.shape).clone()

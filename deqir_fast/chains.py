@@ -106,6 +106,17 @@ class Chain:
         self.alpha_next = torch.cat([ac[self.timesteps[1:]],
                                      torch.tensor([final_alpha], dtype=torch.float64)])  # a'_i
 
+    def _on_device(self, name: str, device: torch.device) -> torch.Tensor:
+        """``alpha_next`` or the operator's singular values, float64, on ``device``, copied
+        once per device: the secant asks for the class ids every round, and a copy from
+        the host there would make each round wait for the host (and break graph capture)."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (name, str(device))
+        if key not in cache:
+            src = self.alpha_next if name == "alpha_next" else self.operator.singulars
+            cache[key] = src.to(device=device, dtype=torch.float64)
+        return cache[key]
+
     @property
     def num_steps(self) -> int:
         return self.timesteps.numel()
@@ -250,7 +261,7 @@ class _Restoration(Chain):
         return self.operator.Ut((self.y if y is None else y).to(like))
 
     def _s(self, device) -> torch.Tensor:
-        return self.operator.singulars.to(device=device, dtype=torch.float64)
+        return self._on_device("singulars", device)
 
 
 class DDRM(_Restoration):
@@ -281,7 +292,7 @@ class DDRM(_Restoration):
 
     def jacobian_classes(self, lo, hi, like):
         """0: missing (s = 0), 1: less noisy than y, 2: noisier than y (by s·σ' vs σ_y)."""
-        an = self.alpha_next[lo:hi].to(like.device).view(-1, 1, 1, 1, 1)
+        an = self._on_device("alpha_next", like.device)[lo:hi].view(-1, 1, 1, 1, 1)
         _, before, after = self._cases(((1 - an) / an).sqrt())
         return (after.to(torch.int8) + 2 * before.to(torch.int8))
 
@@ -356,7 +367,7 @@ class DDNM(_Restoration):
 
     def jacobian_classes(self, lo, hi, like):
         """0: null space (s = 0), 1: range with λ = 1, 2: range with λ < 1 (DDNM+)."""
-        s, _, _, _, full = self._split(self.alpha_next[lo:hi].to(like.device).view(-1, 1, 1, 1, 1))
+        s, _, _, _, full = self._split(self._on_device("alpha_next", like.device)[lo:hi].view(-1, 1, 1, 1, 1))
         return full.to(torch.int8) + 2 * ((s > 0) & ~full).to(torch.int8)
 
     def _k(self, a, an):

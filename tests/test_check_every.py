@@ -94,7 +94,10 @@ def test_check_every_is_validated(schedule):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none visible)")
 @pytest.mark.parametrize("kind,linearize", [("ddim", "secant"), ("ddim_eta", "gaussian"),
-                                            ("ddrm", "none")])
+                                            ("ddrm", "none"),
+                                            # per-class secant (class ids every round) and
+                                            # DDNM's weighted residual inside the graph
+                                            ("ddrm", "secant"), ("ddnm", "secant")])
 def test_cuda_graph_replay_equals_eager(schedule, kind, linearize):
     model, chain, x_T = make_problem(schedule, kind, "sr", 30, 2, 0.1, seed=1, dtype=torch.float32)
     model = model.cuda()
