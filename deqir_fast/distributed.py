@@ -69,8 +69,8 @@ from ._checks import raise_nonfinite
 from .ops import step_residuals
 from .ops.anderson import AndersonRing, anderson_weights
 from .solvers import (FREEZE_RATIO, SOLVERS, Anderson, Picard, SolverStats,
-                      TriangularAnderson, check_solver, guard_tripped, record_round,
-                      steps_to_freeze, switch_off_jacobian)
+                      TriangularAnderson, check_solver, enter_steps, guard_tripped,
+                      record_round, steps_to_freeze, switch_off_jacobian)
 
 DEFAULT_TIMEOUT = 300.0          # seconds a collective may wait for the slowest peer
 
@@ -400,7 +400,7 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
         sst.blocks.append((a, b))
         maxW = _max_block(parts)
         sst.bytes_window_gather += Wk * n_state * esz * (R - 1)
-        FX = FX0 = r0 = M = None
+        FX = FX0 = r0 = M = e_last = None
         t0 = time.perf_counter()
         # -- 1. the block's model call and scan from its old carry --------------------------
         A_last = torch.ones_like(item)
@@ -410,6 +410,8 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                 U = system.inputs(X, a, b)
                 E = system.model_term(U, a)
                 lin.observe(a, b, U, E)
+                # the window's last model output starts the steps entering it (enter_steps)
+                e_last = E[-1:].clone() if (b == hi and w < S) else None
                 if fused:
                     FX0, r0 = system.round_and_residuals(E, U, X[b - 1], a, b, lin, scale_dev[a:b])
                 else:                                  # the adjoint: its scan, then residuals
@@ -480,7 +482,7 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
         elif lin.active and guard_tripped(r, prev_r, lo, hi):
             switch_off_jacobian(lin, stats)
         row = prev_r = record_round(stats, r, lo, hi, S)
-        n_done = steps_to_freeze(r, tol, freeze_ratio)
+        n_done = steps_to_freeze(r, tol, freeze_ratio, last=hi == S)
         # -- 4. the update of the block --------------------------------------------------------
         if n_done < hi - lo and anderson:
             offset_fn = _prefix_offset(comm, order, me, shape_B, ring.m, X.device) if prefix else None
@@ -526,7 +528,7 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
         new_hi = min(new_lo + w, S)
         last_owner = _owner_of(parts, hi - 1)
         if new_hi > hi and me == last_owner:
-            X[hi:new_hi] = X[hi - 1]         # entering steps start from the last state
+            enter_steps(system, X, e_last, hi, new_hi)
         if cfg.rebalance:
             new_parts = _kept_split(parts, new_lo, hi, new_hi, last_owner)
             even = _rebalanced(new_parts, new_lo, new_hi)
@@ -632,8 +634,8 @@ def _migrate(comm: _Comm, X, lin, ring, old, new, old_hi: int, last_owner: int, 
         return a <= s < b or (s >= old_hi and k == last_owner)
 
     # kind: "full" a step joining a block (state and histories), "x" the state before a
-    # block, "fill" steps entering the window (they all start from X[old_hi - 1]: one
-    # state is sent and the receiver fills them in)
+    # block, "fill" steps entering the window (their start values, which the rank that
+    # held the old last step computed: enter_steps)
     transfers = []          # (src, dst, s0, s1, kind)
     for k, (a, b) in enumerate(new):
         if b <= a:
@@ -655,7 +657,7 @@ def _migrate(comm: _Comm, X, lin, ring, old, new, old_hi: int, last_owner: int, 
         if me not in (p, k):
             continue
         full = kind == "full"
-        fields = [X[old_hi - 1:old_hi] if kind == "fill" else X[s0:s1]]
+        fields = [X[s0:s1]]
         if full:
             if secant:
                 fields += [lin._prev_U[s0:s1], lin._prev_E[s0:s1], lin.slopes[s0:s1],
@@ -675,7 +677,7 @@ def _migrate(comm: _Comm, X, lin, ring, old, new, old_hi: int, last_owner: int, 
                 sst.migrated_steps += s1 - s0
     comm.exchange(sends, recvs, "step migration")
     for s0, s1, full, bufs in after:
-        X[s0:s1] = bufs[0]                     # a "fill" broadcasts its one state
+        X[s0:s1] = bufs[0]
         i = 1
         if full:
             if secant:

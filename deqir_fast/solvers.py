@@ -197,22 +197,35 @@ def record_round(stats: "SolverStats", r: torch.Tensor, lo: int, hi: int, S: int
     return row
 
 
-def steps_to_freeze(r: torch.Tensor, tol: float, freeze_ratio: float) -> int:
+def steps_to_freeze(r: torch.Tensor, tol: float, freeze_ratio: float, last: bool = True) -> int:
     """How many leading steps of the window freeze at F(X) after a round with residuals r.
 
-    All of them when every step meets tol (the window is accepted). Else the leading
+    All of them when every step meets tol and the window ends the chain (``last``: the
+    stopping rule), or every step meets tol * freeze_ratio (a window with steps after it:
+    accepting it at tol would freeze tol-sized errors that the steps after it amplify,
+    1.2e-2 off serial on DDIM-100 with a window of 20 and the extended start, RESULTS
+    §8 "Sliding windows"). Else the leading
     steps whose inputs are exact: F(X)[j] is exact when every input before it was (the
     window's first input is frozen), i.e. within tol * freeze_ratio once the residuals
     of the steps before j are. A step's own small residual proves nothing: an iterate
     can be consistent with a wrong input. At least one step freezes per round."""
     W = r.shape[0]
-    if bool((r <= tol).all()):
+    if bool((r <= (tol if last else tol * freeze_ratio)).all()):
         return W
     met = r <= tol * freeze_ratio
     n_done = 1
     while n_done < W and bool(met[n_done - 1]):
         n_done += 1
     return n_done
+
+
+def enter_steps(system, X: torch.Tensor, e_last: Optional[torch.Tensor], hi: int, new_hi: int) -> None:
+    """Start values of the steps hi..new_hi-1 entering a sliding window: the system's
+    ``extend`` (the scan with the window's last model output held, docs/design.md §3c)
+    where it gives one, else a copy of the last state (ParaDiGMS' start)."""
+    extend = getattr(system, "extend", None)
+    start = None if (extend is None or e_last is None) else extend(X, e_last, hi, new_hi)
+    X[hi:new_hi] = X[hi - 1] if start is None else start
 
 
 def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
@@ -260,6 +273,7 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             FX = system.scan(E, U, lo, hi, lin.jacobian(lo, hi))   # [hi-lo, B, ...]
             G = FX - X[lo:hi]
             r = step_residuals(G).to("cpu", torch.float64) * scale[lo:hi]   # the round's sync
+        e_last = E[-1:].clone() if w < S else None   # starts the steps entering the window
         # U and E are spent: release them before the update allocates its own temporaries
         # (bench/round.py --memory).
         del U, E
@@ -280,7 +294,7 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
         elif lin.active and guard_tripped(r, prev_r, lo, hi):
             switch_off_jacobian(lin, stats)
         row = prev_r = record_round(stats, r, lo, hi, S)
-        n_done = steps_to_freeze(r, tol, freeze_ratio)
+        n_done = steps_to_freeze(r, tol, freeze_ratio, last=hi == S)
         if n_done < hi - lo:
             if G is None and update.uses_residual:
                 G = FX - X[lo:hi]
@@ -300,8 +314,8 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             break
         new_lo = lo + n_done
         new_hi = min(new_lo + w, S)
-        if new_hi > hi:                  # steps entering the window start from the last state
-            X[hi:new_hi] = X[hi - 1]
+        if new_hi > hi:
+            enter_steps(system, X, e_last, hi, new_hi)
         update.drop(n_done)
         lo, hi = new_lo, new_hi
     return X, stats
@@ -358,11 +372,15 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
         r_hist = torch.full((n_rounds, W), float("nan"), dtype=torch.float64, device=dev)
         f_hist = torch.zeros((n_rounds + 1,), dtype=torch.int64, device=dev)
         thr = tol * freeze_ratio
+        accept = tol if hi == S else thr             # see steps_to_freeze
+        e_last = X.new_empty((1, *X.shape[1:])) if w < S else None
 
         def one_round():
             U = system.inputs(X, lo, hi)
             E = system.model_term(U, lo)
             lin.observe(lo, hi, U, E)                   # no host sync: capturable
+            if e_last is not None:
+                e_last.copy_(E[-1:])
             if fused:
                 FX, r = system.round_and_residuals(E, U, X[hi - 1], lo, hi, lin, scale_dev[lo:hi])
             else:
@@ -372,7 +390,7 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             # the freeze rule of fixed_point_solve, on the device
             met = (r <= thr) | (pos < frozen)
             lead = torch.cumprod(met[:-1].to(torch.int64), 0).sum() if W > 1 else frozen * 0
-            f_new = torch.where((r <= tol).all(), torch.full_like(frozen, W),
+            f_new = torch.where((r <= accept).all(), torch.full_like(frozen, W),
                                 torch.clamp(torch.maximum(1 + lead, frozen + 1), max=W))
             new = update(X[lo:hi], FX, FX - X[lo:hi] if update.uses_residual else None)
             X[lo:hi] = torch.where((pos < f_new).view(shape), FX, new)
@@ -425,7 +443,7 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
         new_lo = lo + f
         new_hi = min(new_lo + w, S)
         if new_hi > hi:
-            X[hi:new_hi] = X[hi - 1]
+            enter_steps(system, X, e_last, hi, new_hi)
         update.drop(f)
         lo, hi = new_lo, new_hi
     return X, stats

@@ -230,6 +230,20 @@ class ChainSystem:
             R = kZ * noise if R is None else R + kZ * noise
         return affine_scan(P, Q, E, R, U[0], J, U)
 
+    def extend(self, X: torch.Tensor, e: torch.Tensor, hi: int, new_hi: int) -> Optional[torch.Tensor]:
+        """Start values of steps hi..new_hi-1 entering a sliding window: the scan from
+        X[hi-1] with ē held at ``e`` [1, B, ...], the window's last model output (for
+        DDIM η = 0, the jump along the current trajectory to each step's noise level).
+        None for a chain that draws noise (η > 0): there the held ē started the steps
+        no better than a copy of X[hi-1] (docs/design.md §3c, RESULTS §8 "Sliding
+        windows"), and the solver copies."""
+        if self.chain.needs_noise:
+            return None
+        n = new_hi - hi
+        E = e.expand(n, *e.shape[1:]).contiguous()
+        U = X[hi - 1:hi].expand(n, *X.shape[1:]).contiguous()
+        return self.scan(E, U, hi, new_hi)
+
     def round_and_residuals(self, E: torch.Tensor, U: torch.Tensor, x_last: torch.Tensor,
                             lo: int, hi: int, lin, scale: torch.Tensor):
         """One solver round after the model call: (F(X) for steps lo..hi-1, the per-step

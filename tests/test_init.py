@@ -67,3 +67,59 @@ def test_pinv_init_needs_a_measurement(schedule):
         dq.solve(model, chain, x_T, init="pinv")
     with pytest.raises(ValueError, match="init must be one of"):
         dq.solve(model, chain, x_T, init="zeros")
+
+
+class _ConstantEps(torch.nn.Module):
+    """ε(x, t) = e whatever x and t: the chain is then affine in its start."""
+
+    def __init__(self, e):
+        super().__init__()
+        self.e = e
+
+    def forward(self, x, t):
+        return self.e.repeat(x.shape[0] // self.e.shape[0], 1, 1, 1)
+
+
+@pytest.mark.parametrize("kind,op", [("ddim", None), ("ddnm", "sr")])
+@pytest.mark.parametrize("hi,new_hi", [(3, 8), (9, 10)])
+def test_steps_entering_a_window_start_on_the_chain_with_the_last_eps_held(schedule, kind, op,
+                                                                           hi, new_hi):
+    """``extend``: the states of steps hi..new_hi-1 from X[hi-1] with ε held at the
+    window's last model output are the serial sampler's states when the model's ε is
+    that constant (η = 0 chains; fresh random ε, odd step counts)."""
+    model, chain, x_T = make_problem(schedule, kind, op, 11, 2, shape=(3, 6, 6), seed=4)
+    if kind == "ddnm":                                   # make_problem's DDNM has η = 0.3
+        chain = dq.DDNM(schedule, chain.timesteps, operator=chain.operator, y=chain.y, eta=0.0)
+    assert not chain.needs_noise
+    e = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(5), dtype=x_T.dtype)
+    const = _ConstantEps(e)
+    states = dq.sample_serial(const, chain, x_T, return_states=True)      # [S, B, ...] pixels
+    system, _ = _prepare(const, chain, x_T, None, torch.Generator().manual_seed(0))
+    X = chain.to_basis(states.flatten(0, 1)).view(11, *system.coeffs.u0.shape)
+    start = X.clone()
+    start[hi:] = 0.0                                     # nothing past hi-1 may be read
+    got = system.extend(start, chain.to_basis(e).unsqueeze(0), hi, new_hi)
+    assert torch.allclose(got, X[hi:new_hi], rtol=1e-10, atol=1e-10), (got - X[hi:new_hi]).abs().max()
+
+
+def test_chains_that_draw_noise_enter_from_a_copy(schedule):
+    """η > 0: ``extend`` declines (None) and the solver starts entering steps from a
+    copy of the last state."""
+    model, chain, x_T = make_problem(schedule, "ddim_eta", None, 8, 1, shape=(3, 6, 6))
+    system, _ = _prepare(model, chain, x_T, None, torch.Generator().manual_seed(0))
+    X = system.jump_init()
+    assert system.extend(X, X[:1], 2, 5) is None
+
+
+def test_a_sliding_window_starts_entering_steps_on_the_trajectory(schedule, monkeypatch):
+    """DDIM-100, window 20 (GMM, float64): the extended start takes 12 rounds where the
+    copy takes 14, and both land on the serial answer."""
+    from deqir_fast.system import ChainSystem
+    model, chain, x_T = make_problem(schedule, "ddim", None, 100, 2, shape=(3, 16, 16), seed=1)
+    serial = dq.sample_serial(model, chain, x_T)
+    extended = dq.solve(model, chain, x_T, window=20)
+    monkeypatch.setattr(ChainSystem, "extend", lambda self, *a: None)
+    copied = dq.solve(model, chain, x_T, window=20)
+    for res in (extended, copied):
+        assert res.converged and (res.x0 - serial).abs().max().item() < 1e-4
+    assert (extended.iterations, copied.iterations) == (12, 14)

@@ -126,6 +126,26 @@ def test_frozen_states_take_the_scan_value_and_the_window_slides_from_the_last_s
     assert X[:, 0].tolist() == pytest.approx([FREEZE, 0.5, 0.25, 0.25, 0.25])
 
 
+@pytest.mark.parametrize("check_every", [1, 2])
+def test_a_window_with_steps_after_it_is_not_accepted_at_tol(check_every):
+    """Every step of a window within tol stops the solve only when the window ends the
+    chain; before that the window is accepted whole only at the freeze level, else only
+    its first step freezes (accepting at tol froze tol-sized errors that the later steps
+    amplified). Both the per-round loop and the device-side rule (check_every)."""
+    script = [[TOL] * 5, [TOL] * 5, [FREEZE] * 5, [0.0] * 5]
+    windows, stats, _ = run(script, TOL, window=3, check_every=check_every)
+    if check_every == 1:
+        # (0,3) at tol: only step 0 freezes; (1,4) at tol: step 1; (2,5) ends the chain
+        assert windows == [(0, 3), (1, 4), (2, 5)] and stats.converged
+    else:
+        # the window stays put between reads: two rounds on (0, 3) freeze one step each
+        # (accepting at tol would have frozen all three in the first), then (2, 5)
+        assert windows == [(0, 3), (0, 3), (2, 5), (2, 5)] and stats.converged
+    # at the freeze level the whole window is accepted (after the batch's rounds)
+    windows, stats, _ = run([[FREEZE] * 5, [0.0] * 5], TOL, window=3, check_every=check_every)
+    assert windows[:check_every + 1] == [(0, 3)] * check_every + [(3, 5)] and stats.converged
+
+
 def test_max_iter_stops_unconverged_and_reports_residuals():
     windows, stats, _ = run([[1.0] * 8] * 8, TOL, max_iter=3)
     assert not stats.converged and stats.iterations == 3
