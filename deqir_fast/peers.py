@@ -1,6 +1,11 @@
 """Published parallel samplers as configurations of ``solve``, for side-by-side runs in one
 process (bench/peers.py, ``deqir-fast bench``). Each entry is the keyword arguments that
 make our solver run the peer's algorithm; the model, chain and noise stay the same.
+Unless an entry sets ``init``, a peer also gets our initial guess (``init="auto"``) and,
+in a sliding window, our start for the steps entering it (docs/design.md §3c; the
+published ParaDiGMS starts them from a copy and every state from x_T): the comparison
+then isolates the update rule, the Jacobian guess and the freeze rule, and errs in the
+peers' favour.
 
 - ParaDiGMS (Shih et al., NeurIPS 2023; diffusers' Paradigms pipeline): Picard on the
   sums of drifts, which is the linearised scan with J = (1 - P)/Q; a sliding window;
