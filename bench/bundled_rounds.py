@@ -6,8 +6,10 @@ the max |x0 - serial| they leave, on a trained model, for every calibration chai
     OMP_NUM_THREADS=1 python bench/bundled_rounds.py --steps 100 --linearize secant,none
     OMP_NUM_THREADS=1 python bench/bundled_rounds.py --steps 100 --hindsight
 
-``--hindsight`` adds the first round from which max|x0 - serial| stays below 2/255 (the
-floor for any stopping rule on that solve; x0 is compared after every round).
+``--window 20 --enter copy`` starts the steps entering the window from a copy of the
+last state instead of ``ChainSystem.extend``. ``--hindsight`` adds the first round from
+which max|x0 - serial| stays below 2/255 (the floor for any stopping rule on that solve;
+x0 is compared after every round).
 
 Chains (bench/calibrate.py): DDIM (eta 0, 0.5, 1 = DDPM), DDRM inpainting (70% missing,
 sigma_y 0.05) / SR x2 / deblurring (sigma_y 0.02), DDNM SR x2 / inpainting (eta 0.85) /
@@ -33,7 +35,13 @@ def main():
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--chains", default="")
     p.add_argument("--hindsight", action="store_true")
+    p.add_argument("--enter", default="auto", choices=["auto", "copy"],
+                   help="with --window: 'copy' starts entering steps from a copy of the last "
+                        "state (ParaDiGMS; the default before docs/design.md §3c)")
     args = p.parse_args()
+    if args.enter == "copy":
+        from deqir_fast.system import ChainSystem
+        ChainSystem.extend = lambda self, *a: None          # enter_steps then copies
     torch.set_num_threads(1)
     model, schedule, images = load(args.model)
     truth = images[:1].float()
