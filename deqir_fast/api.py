@@ -172,7 +172,11 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             fixed point, and so the answer, is the same for every choice.
         tol: stop when every step has max|F(X)_i - X_i| / max(σ_i, floor) <= tol.
         max_iter: rounds at most (default S).
-        window: steps evaluated per round (sliding window; default all S).
+        window: steps evaluated per round (sliding window; default all S). Steps
+            entering it start on the chain from the last state with the last model
+            output held (η = 0 chains; a copy of the last state otherwise), and a window
+            with steps after it is accepted only at ``tol * freeze_ratio``
+            (docs/design.md §3c).
         floor: the residual of a nearly noise-free state is measured against
             max(σ_i, floor), so the last states need not be exact to the last bit.
         freeze_ratio: leading steps are frozen (and leave the window) once every step
