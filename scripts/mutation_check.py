@@ -177,6 +177,21 @@ MUTANTS = [
            "        return torch.zeros_like(gamma)"),
     Mutant("diffring-no-prefix", "triangular weights of the difference ring not prefix-summed",
            "deqir_fast/ops/anderson.py", "H, rhs = H.cumsum(0), rhs.cumsum(0)", "H, rhs = H, rhs"),
+    Mutant("diffring-stale-leak", "a difference pair applied outside its span (0 · stale row)",
+           "deqir_fast/ops/anderson.py", "a, b = max(lo, self.span[j][0]), min(hi, self.span[j][1])",
+           "a, b = lo, hi"),
+    # -- sliding windows (docs/design.md §3c) -------------------------------------------------
+    Mutant("window-accept-at-tol", "a window with steps after it accepted whole at tol",
+           "deqir_fast/solvers.py", "last=hi == S)", "last=True)"),
+    Mutant("window-accept-at-tol-device", "the device-side rule accepts any window at tol",
+           "deqir_fast/solvers.py", "accept = tol if hi == S else thr", "accept = tol"),
+    Mutant("extend-wrong-steps", "entering steps extended with the previous steps' coefficients",
+           "deqir_fast/system.py", "return self.scan(E, U, hi, new_hi)", "return self.scan(E, U, hi - 1, new_hi - 1)"),
+    Mutant("extend-wrong-carry", "entering steps extended from X[hi-2]",
+           "deqir_fast/system.py", "U = X[hi - 1:hi].expand", "U = X[hi - 2:hi - 1].expand"),
+    # -- DDNM's derived weight (docs/design.md §3b) -----------------------------------------
+    Mutant("derived-one-step", "the derived weight's leak not summed over the span (one step)",
+           "deqir_fast/system.py", "w = (c[k] - c[:-1]).clamp_max(1.0)", "w = w"),
 ]
 
 
