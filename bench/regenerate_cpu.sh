@@ -27,8 +27,12 @@ step() {   # step NAME CMD...: run CMD in bench/ (as RESULTS.md writes it), outp
 }
 
 step rounds_20_100     python bundled_rounds.py --steps 20,100 --linearize secant,none       # §8
-step rounds_1000       python bundled_rounds.py --steps 1000 --chains DDIM,DDPM,DDRM-inp,DDNM-sr2
+step rounds_1000       python bundled_rounds.py --steps 1000 --chains DDIM,DDPM,DDRM-inp,DDNM-sr2,DDNM-inp,DDNM+-sr2 --hindsight
 step rounds_photo16    python bundled_rounds.py --model photo16 --steps 20,100
+step rounds_photo16_1000 python bundled_rounds.py --model photo16 --steps 1000 --chains DDNM-sr2 --hindsight
+step rounds_hindsight  python bundled_rounds.py --steps 100 --hindsight                      # §8, session 4
+step rounds_window     python bundled_rounds.py --steps 100 --window 20                      # §8, §3c
+step rounds_window_copy python bundled_rounds.py --steps 100 --window 20 --enter copy
 step calibrate_gmm     python calibrate.py record --models gmm --seeds 100 --out /tmp/cal/gmm.json
 step calibrate_unet    python calibrate.py record --models bundled,photo16 --steps 20,100 --images 2 \
                          --max-iter 60 --out /tmp/cal/unet.json
