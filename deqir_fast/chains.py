@@ -109,7 +109,9 @@ class Chain:
     def _on_device(self, name: str, device: torch.device) -> torch.Tensor:
         """``alpha_next`` or the operator's singular values, float64, on ``device``, copied
         once per device: the secant asks for the class ids every round, and a copy from
-        the host there would make each round wait for the host (and break graph capture)."""
+        the host there would make each round wait for the host (and break graph capture).
+        The copies are never refreshed: a chain's steps and operator are fixed once it is
+        built (build a new chain for another operator)."""
         cache = self.__dict__.setdefault("_device_tables", {})
         key = (name, str(device))
         if key not in cache:

@@ -411,7 +411,7 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                 E = system.model_term(U, a)
                 lin.observe(a, b, U, E)
                 # the window's last model output starts the steps entering it (enter_steps)
-                e_last = E[-1:].clone() if (b == hi and w < S) else None
+                e_last = E[-1:].clone() if (b == hi and w < S and hasattr(system, "extend")) else None
                 if fused:
                     FX0, r0 = system.round_and_residuals(E, U, X[b - 1], a, b, lin, scale_dev[a:b])
                 else:                                  # the adjoint: its scan, then residuals

@@ -225,7 +225,9 @@ def enter_steps(system, X: torch.Tensor, e_last: Optional[torch.Tensor], hi: int
     where it gives one, else a copy of the last state (ParaDiGMS' start)."""
     extend = getattr(system, "extend", None)
     start = None if (extend is None or e_last is None) else extend(X, e_last, hi, new_hi)
-    X[hi:new_hi] = X[hi - 1] if start is None else start
+    # a non-finite last model output (a round the divergence guard restarts) falls back to
+    # the copy elementwise, on the device (no host sync)
+    X[hi:new_hi] = X[hi - 1] if start is None else torch.where(torch.isfinite(start), start, X[hi - 1])
 
 
 def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
@@ -273,7 +275,8 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             FX = system.scan(E, U, lo, hi, lin.jacobian(lo, hi))   # [hi-lo, B, ...]
             G = FX - X[lo:hi]
             r = step_residuals(G).to("cpu", torch.float64) * scale[lo:hi]   # the round's sync
-        e_last = E[-1:].clone() if w < S else None   # starts the steps entering the window
+        # the window's last model output starts the steps entering it (enter_steps)
+        e_last = E[-1:].clone() if (w < S and hasattr(system, "extend")) else None
         # U and E are spent: release them before the update allocates its own temporaries
         # (bench/round.py --memory).
         del U, E
@@ -329,7 +332,8 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
     Between two reads the window [lo, hi) stays put and the freeze rule runs on the
     device: a device counter f of leading frozen steps grows by at least one per round
     (the first unfrozen step's input is exact), and further while the steps before have
-    met ``tol * freeze_ratio``; f = W when every step of the window met ``tol``. Frozen
+    met ``tol * freeze_ratio``; f = W when every step of the window met ``tol`` (the
+    last window) or ``tol * freeze_ratio`` (a window with steps after it). Frozen
     steps take F(X), the others the solver's update. At each read: the rounds' residual
     rows are recorded (NaN where a step was frozen), the linearisation guard and the
     divergence restart are applied, ``callback`` is called for each round, and the
@@ -373,7 +377,7 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
         f_hist = torch.zeros((n_rounds + 1,), dtype=torch.int64, device=dev)
         thr = tol * freeze_ratio
         accept = tol if hi == S else thr             # see steps_to_freeze
-        e_last = X.new_empty((1, *X.shape[1:])) if w < S else None
+        e_last = X.new_empty((1, *X.shape[1:])) if (w < S and hasattr(system, "extend")) else None
 
         def one_round():
             U = system.inputs(X, lo, hi)

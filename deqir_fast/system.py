@@ -136,7 +136,10 @@ class ChainSystem:
         S ≤ 100 on a 1000-step schedule that is the one-step factor, on which the rule
         was calibrated; at S = 1000 it is about the same weight again (ten steps), where
         the one-step factor let DDNM SR×2 on photo16 stop 9.1e-3 off serial with
-        ``converged=True`` (RESULTS §8). The rule is calibrated, not proven (§3b)."""
+        ``converged=True`` (RESULTS §8). The last steps within the span get weight 1
+        (the last step's own is 1), and a spacing finer than the span anywhere sums
+        several steps: both only make the rule stricter. The rule is calibrated, not
+        proven (§3b)."""
         if self.spec is None or self.spec.sampler != "ddnm":
             return None
         S = self.num_steps

@@ -93,19 +93,21 @@ def test_check_every_is_validated(schedule):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none visible)")
-@pytest.mark.parametrize("kind,linearize", [("ddim", "secant"), ("ddim_eta", "gaussian"),
-                                            ("ddrm", "none"),
-                                            # per-class secant (class ids every round) and
-                                            # DDNM's weighted residual inside the graph
-                                            ("ddrm", "secant"), ("ddnm", "secant")])
-def test_cuda_graph_replay_equals_eager(schedule, kind, linearize):
+@pytest.mark.parametrize("kind,linearize,window", [
+    ("ddim", "secant", None), ("ddim_eta", "gaussian", None), ("ddrm", "none", None),
+    # per-class secant (class ids every round) and DDNM's weighted residual in the graph
+    ("ddrm", "secant", None), ("ddnm", "secant", None),
+    # a sliding window: the last model output copied in the graph, the extended start
+    ("ddim", "secant", 10)])
+def test_cuda_graph_replay_equals_eager(schedule, kind, linearize, window):
     model, chain, x_T = make_problem(schedule, kind, "sr", 30, 2, 0.1, seed=1, dtype=torch.float32)
     model = model.cuda()
     x_T = x_T.cuda()
     if hasattr(chain, "y"):
         chain.y = chain.y.cuda()
     noise = torch.randn((30, *x_T.shape), generator=torch.Generator().manual_seed(2)).cuda()
-    kw = dict(noise=noise, solver="picard", linearize=linearize, tol=0.0, check_every=5)
+    kw = dict(noise=noise, solver="picard", linearize=linearize, tol=0.0, check_every=5,
+              window=window)
     eager = dq.solve(model, chain, x_T, **kw)
     graph = dq.solve(model, chain, x_T, cuda_graph=True, **kw)
     assert graph.stats.graph_rounds > 0, graph.stats.graph_error

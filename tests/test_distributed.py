@@ -90,6 +90,11 @@ def test_sharded_equals_single_process(world, launches):
     assert checks["device"].startswith("ValueError") and "gloo" in checks["device"], checks
     assert checks["check_every"].startswith("ValueError") and "check_every" in checks["check_every"]
     assert checks["group type"].startswith("TypeError"), checks
+    # a window of 3 over the chain: the first rounds' windows end before S (last False),
+    # the final ones at S (last True), one call per round
+    acc = checks["window accept"]
+    assert len(acc["last"]) == acc["rounds"] and acc["last"][0] is False and acc["last"][-1] is True, acc
+    assert acc["last"] == sorted(acc["last"]), acc       # once at the end, it stays there
     for row in rows[n:]:
         assert row["x_T_err"] <= 1e-10 and row["param_err"] <= 1e-10, row
         assert row["backward_err"] <= 1e-10 and row["backward_sharded"] == 1, row
@@ -238,6 +243,21 @@ def _worker(rank, world, port, mode, out):
                     checks[name] = "no error"
                 except (ValueError, TypeError) as e:
                     checks[name] = f"{type(e).__name__}: {e}"
+            # the sharded loop's window acceptance: steps_to_freeze is told whether the
+            # window ends the chain (a non-final window is accepted only at the freeze
+            # level); a spy on the function the sharded loop calls records what it passes
+            import deqir_fast.distributed as D
+            real_freeze, seen = D.steps_to_freeze, []
+
+            def spy(r, tol, freeze_ratio, last=True):
+                seen.append(last)
+                return real_freeze(r, tol, freeze_ratio, last)
+            D.steps_to_freeze = spy
+            try:
+                res = dq.solve(model, chain, x_T, window=3, tol=1e-9, process_group=dist.group.WORLD)
+            finally:
+                D.steps_to_freeze = real_freeze
+            checks["window accept"] = dict(last=seen, rounds=res.iterations, S=chain.num_steps)
             rows.append(dict(case=["checks"], checks=checks))
             if rank == 0:
                 json.dump(rows, open(out, "w"))
