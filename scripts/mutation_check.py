@@ -70,7 +70,8 @@ MUTANTS = [
            "deqir_fast/solvers.py", "    def drop(self, n):\n        self.lo += n\n",
            "    def drop(self, n):\n        pass\n"),
     Mutant("window-enter-zero", "steps entering the window start from zero, not the last state",
-           "deqir_fast/solvers.py", "X[hi:new_hi] = X[hi - 1] if start is None else start",
+           "deqir_fast/solvers.py",
+           "X[hi:new_hi] = X[hi - 1] if start is None else torch.where(torch.isfinite(start), start, X[hi - 1])",
            "X[hi:new_hi] = 0"),
     # -- solvers.py: the check_every path (device-side freeze counter) ---------------------
     Mutant("ce-counter+1", "check_every: the device freeze counter one step ahead (2 + lead)",
