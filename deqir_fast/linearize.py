@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from .ops import CHUNK_ELEMENTS
+
 LINEARIZATIONS = ("secant", "gaussian", "paradigms", "none")
 
 # v of the Gaussian starting guess. On the bundled model (bench/linearize.py, DDIM/DDPM/
@@ -33,10 +35,6 @@ PRIOR_VARIANCE = 0.3
 # A secant slope needs the inputs to have moved by more than rounding: ΔU² summed over a
 # class must exceed (this × the state's norm)², else the previous slope is kept.
 _MIN_RELATIVE_MOVE = 1e-6
-
-
-# The secant refit works on this many values at a time (float32: 16 MB temporaries).
-_CHUNK = 1 << 22
 
 
 def check_linearize(kind) -> str:
@@ -136,7 +134,7 @@ class Linearization:
         norm2 = torch.empty_like(num[..., :1])
         # in chunks of steps: the differences and products are temporaries of a few MB,
         # not of the window (2 stacked states less at the peak; bench/round.py --memory)
-        per = max(1, _CHUNK // max(1, U[0].numel()))
+        per = max(1, CHUNK_ELEMENTS // max(1, U[0].numel()))
         for c in range(0, hi - lo, per):
             e = min(c + per, hi - lo)
             dU = U[c:e] - self._prev_U[lo + c:lo + e]

@@ -16,7 +16,7 @@ import torch
 from ._checks import raise_nonfinite
 from .chains import Chain, StepCoefficients
 from .linearize import Linearization
-from .ops import affine_scan, affine_step, step_residuals
+from .ops import CHUNK_ELEMENTS, affine_scan, affine_step, step_residuals
 from .ops.fused_round import C_Q0, C_R, C_SN, fused_round, step_table, window_coefficients
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -179,20 +179,15 @@ class ChainSystem:
     def _weighted_max(self, A: torch.Tensor, B: Optional[torch.Tensor], lo: int, hi: int,
                       w: torch.Tensor) -> torch.Tensor:
         """max over each step's elements of |A - B| (|A| when B is None), DDNM's derived
-        elements times w_i; in chunks of steps, so the temporaries stay a few MB (not
-        window-sized: bench/round.py --memory). The derived mask (s > 0 and σ'·s ≥
-        sqrt(a')·σ_y, ``DDNM.jacobian_classes`` == 1) is computed on the device from the
-        step table: no host copies in the round (CUDA graphs, check_every)."""
+        elements (``DDNM.jacobian_classes`` == 1, from device copies of the step table:
+        no host copy in the round) times w_i; in chunks of steps, so the temporaries stay
+        a few MB (not window-sized: bench/round.py --memory)."""
         out = torch.empty(hi - lo, dtype=A.dtype, device=A.device)
         pad = (1,) * (A.dim() - 1)
-        s = self._s.unsqueeze(0)                                       # [1, C, H, W]
-        sigma_y = float(self.spec.sigma_y)
-        per = max(1, (1 << 22) // max(1, A[0:1].numel()))     # A may hold no steps
+        per = max(1, CHUNK_ELEMENTS // max(1, A[0:1].numel()))     # A may hold no steps
         for c in range(0, hi - lo, per):
             e = min(c + per, hi - lo)
-            T = self._table[lo + c:lo + e].to(A.dtype)
-            sn, r = T[:, C_SN].view(-1, 1, 1, 1, 1), T[:, C_R].view(-1, 1, 1, 1, 1)
-            derived = (s > 0) & (sn * s >= r * sigma_y)                 # [n, 1, C, H, W]
+            derived = self.chain.jacobian_classes(lo + c, lo + e, A) == 1     # [n, 1, C, H, W]
             D = A[c:e] if B is None else A[c:e] - B[c:e]
             D = D.abs_() if B is not None else D.abs()
             D = torch.where(derived, D * w[lo + c:lo + e].view(-1, *pad), D)

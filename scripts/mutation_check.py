@@ -153,8 +153,8 @@ MUTANTS = [
            "const int64_t yb_b = 0;"),
     # -- the residual weighting of DDNM's derived range elements (system.py) -----------------
     Mutant("ddnm-weight-null", "DDNM's weight applied to the null space instead of the range",
-           "deqir_fast/system.py", "derived = (s > 0) & (sn * s >= r * sigma_y)",
-           "derived = (s == 0) & (sn * s >= r * sigma_y)"),
+           "deqir_fast/system.py", "derived = self.chain.jacobian_classes(lo + c, lo + e, A) == 1",
+           "derived = self.chain.jacobian_classes(lo + c, lo + e, A) == 0"),
     Mutant("ddnm-weight-no-cap", "the Lipschitz bound L dropped from the weight",
            "deqir_fast/system.py", "q_other[1:] * cap[1:] * scale[1:]", "q_other[1:] * scale[1:]"),
     Mutant("ddnm-fused-unweighted", "the fused round's residual returned unweighted",

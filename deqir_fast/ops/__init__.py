@@ -12,10 +12,14 @@ kernels (docs/design.md §5).
 - ``step_residuals``: the per-step max-abs residual;
 - ``backends``: which backend runs where (``DEQIR_FAST_BACKEND``, read once).
 """
-from .anderson import AndersonRing, anderson_mix
-from .fused_round import KernelSpec, fused_round, fused_round_reference
-from .scan import affine_scan, affine_scan_reference, affine_step, scan_backend, step_residuals
+# Ops that loop over a window in chunks of steps keep each chunk to this many values
+# (float32: 16 MB temporaries), so their peak memory does not grow with the window.
+CHUNK_ELEMENTS = 1 << 22
 
-__all__ = ["AndersonRing", "KernelSpec", "affine_scan", "affine_scan_reference", "affine_step",
+from .anderson import AndersonRing, anderson_mix  # noqa: E402
+from .fused_round import KernelSpec, fused_round, fused_round_reference  # noqa: E402
+from .scan import affine_scan, affine_scan_reference, affine_step, scan_backend, step_residuals  # noqa: E402,E501
+
+__all__ = ["CHUNK_ELEMENTS", "AndersonRing", "KernelSpec", "affine_scan", "affine_scan_reference", "affine_step",
            "anderson_mix", "fused_round", "fused_round_reference", "scan_backend",
            "step_residuals"]
