@@ -254,7 +254,8 @@ def _worker(rank, world, port, mode, out):
                 return real_freeze(r, tol, freeze_ratio, last)
             D.steps_to_freeze = spy
             try:
-                res = dq.solve(model, chain, x_T, window=3, tol=1e-9, process_group=dist.group.WORLD)
+                res = dq.solve(model, chain, x_T, window=3, tol=1e-9, process_group=dist.group.WORLD,
+                               generator=torch.Generator().manual_seed(3))
             finally:
                 D.steps_to_freeze = real_freeze
             checks["window accept"] = dict(last=seen, rounds=res.iterations, S=chain.num_steps)
