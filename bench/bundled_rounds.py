@@ -6,6 +6,8 @@ the max |x0 - serial| they leave, on a trained model, for every calibration chai
     OMP_NUM_THREADS=1 python bench/bundled_rounds.py --steps 100 --linearize secant,none
     OMP_NUM_THREADS=1 python bench/bundled_rounds.py --steps 100 --hindsight
 
+The "frozen vs serial" column is the serial shadow's largest deviation of a frozen state
+from the serial one, in noise units (docs/design.md §3d; a restart when it exceeds tol).
 ``--window 20 --enter copy`` starts the steps entering the window from a copy of the
 last state instead of ``ChainSystem.extend``. ``--hindsight`` adds the first round from
 which max|x0 - serial| stays below 2/255 (the floor for any stopping rule on that solve;
@@ -51,8 +53,8 @@ def main():
           f"{dq.api.DEFAULT_TOL}, window {args.window}\n")
     extra = " within 2/255 from round |" if args.hindsight else ""
     print("| chain | S | solver | linearize | rounds |" + extra +
-          " model evals | max abs x0 - serial | converged | serial s | parallel s |")
-    print("|---|---|---|---|---|" + ("---|" if args.hindsight else "") + "---|---|---|---|---|")
+          " model evals | max abs x0 - serial | converged | frozen vs serial | serial s | parallel s |")
+    print("|---|---|---|---|---|" + ("---|" if args.hindsight else "") + "---|---|---|---|---|---|")
     for steps in [int(s) for s in args.steps.split(",")]:
         for name, chain in chains(schedule, steps, truth):
             if keep and name not in keep:
@@ -77,8 +79,13 @@ def main():
                         over = [k for k, e in enumerate(errs) if not e < GREY]
                         hind = (" never |" if over and over[-1] == len(errs) - 1
                                 else f" {over[-1] + 2 if over else 1} |")
+                    # the serial shadow's largest deviation of a frozen state (noise units;
+                    # "restart at p" when it found one over tol, docs/design.md §3d)
+                    st = res.stats
+                    shadow = (f"restart at {st.serial_mismatch}" if st.serial_mismatch is not None
+                              else f"{st.shadow_deviation:.1e}")
                     print(f"| {name} | {steps} | {solver} | {lin} | {res.iterations} |{hind} {res.nfe} | "
-                          f"{err:.1e} | {res.converged} | {t_serial:.1f} | {res.seconds:.1f} |",
+                          f"{err:.1e} | {res.converged} | {shadow} | {t_serial:.1f} | {res.seconds:.1f} |",
                           flush=True)
 
 

@@ -4,10 +4,14 @@ default solve (tests/test_solvers.py runs a 13-seed subset in CI).
 
     OMP_NUM_THREADS=1 python bench/readme_sweep.py --kinds DDRM,DDNM,DDIM --seeds 300
     OMP_NUM_THREADS=1 python bench/readme_sweep.py --kinds DDNM,DDIM --eta0 --window 20
+    OMP_NUM_THREADS=1 python bench/readme_sweep.py --kinds DDNM --eta0 --seeds 20 --no-shadow [--tol 1e-5]
 
 ``--window W`` solves with a sliding window; ``--eta0`` rebuilds the DDNM and DDIM
 variants with η = 0 (deterministic chains: the ones whose entering steps start on the
-chain, docs/design.md §3c).
+chain, docs/design.md §3c). The last column counts the solves whose serial shadow found a
+frozen state off the serial one and restarted (docs/design.md §3d), the next the largest
+deviation of a frozen state from the serial one it measured in the others (noise units;
+the restart threshold is tol); ``--no-shadow`` solves without it.
 """
 from __future__ import annotations
 
@@ -24,31 +28,41 @@ def main():
     p.add_argument("--seeds", type=int, default=300)
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--eta0", action="store_true")
+    p.add_argument("--no-shadow", action="store_true",
+                   help="solve without the serial shadow (docs/design.md §3d)")
+    p.add_argument("--tol", type=float, default=None, help="solve's tol (default: its default)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    print("| problem | seeds | converged | converged but over 2/255 | worst max abs x0 - serial | rounds (mean / max) |")
-    print("|---|---|---|---|---|---|")
+    print("| problem | seeds | converged | converged but over 2/255 | worst max abs x0 - serial | "
+          "rounds (mean / max) | shadow restarts | largest frozen-vs-serial deviation without restart |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind in args.kinds.split(","):
-        worst, rounds, over, conv = 0.0, [], 0, 0
+        worst, rounds, over, conv, restarts, deviation = 0.0, [], 0, 0, [], float("nan")
         for seed in range(args.seeds):
-            model, chain, x_T = dq.testing.readme_problem(kind, seed)
-            if args.eta0 and kind == "DDNM":
-                chain = dq.DDNM(chain.schedule, chain.timesteps, operator=chain.operator,
-                                y=chain.y, sigma_y=chain.sigma_y, eta=0.0)
-            elif args.eta0 and kind == "DDIM":
-                chain = dq.DDIM(chain.schedule, chain.timesteps, eta=0.0)
+            eta = 0.0 if (args.eta0 and kind != "DDRM") else None
+            model, chain, x_T = dq.testing.readme_problem(kind, seed, eta=eta)
             gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
             serial = dq.sample_serial(model, chain, x_T, generator=gen())
-            res = dq.solve(model, chain, x_T, generator=gen(), window=args.window)
+            kw = {} if args.tol is None else dict(tol=args.tol)
+            res = dq.solve(model, chain, x_T, generator=gen(), window=args.window,
+                           serial_shadow=not args.no_shadow, **kw)
             err = (res.x0 - serial).abs().max().item()
             conv += res.converged
             over += bool(res.converged and err >= 2 / 255)
             worst = max(worst, err)
             rounds.append(res.iterations)
+            if res.stats.serial_mismatch is not None:
+                restarts.append(res.stats.serial_mismatch)
+            d = res.stats.shadow_deviation      # noise units, NaN when nothing was compared
+            if res.stats.serial_mismatch is None and d == d and not d <= deviation:
+                deviation = d
         name = f"readme-{kind}" + (" η 0" if args.eta0 and kind != "DDRM" else "") + \
-            (f", window {args.window}" if args.window else "")
+            (f", window {args.window}" if args.window else "") + \
+            (", no shadow" if args.no_shadow else "") + (f", tol {args.tol:g}" if args.tol is not None else "")
         print(f"| {name} | {args.seeds} | {conv} | {over} | {worst:.1e} | "
-              f"{sum(rounds) / len(rounds):.1f} / {max(rounds)} |", flush=True)
+              f"{sum(rounds) / len(rounds):.1f} / {max(rounds)} | {len(restarts)}"
+              + (f" (at steps {min(restarts)}-{max(restarts)})" if restarts else "")
+              + f" | {deviation:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

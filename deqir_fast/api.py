@@ -149,7 +149,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
           callback: Optional[Callable[[dict], None]] = None, grad: str = "ift",
           grad_tol: float = DEFAULT_GRAD_TOL, phantom_steps: int = 5, phantom_damping: float = 0.5,
           check_every: int = 1, cuda_graph: bool = False, allow_tf32: bool = False,
-          process_group=None,
+          process_group=None, serial_shadow: bool = True,
           ) -> SolveResult:
     """Solve the whole sampling chain as one fixed-point system, in parallel.
 
@@ -231,6 +231,16 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             arguments and gets the same result (x0, states, stats; the rank's own
             accounting in ``res.stats.sharding``). A ``ShardConfig`` sets the timeout
             and rebalancing. An error on any rank raises ``ShardError`` on every rank.
+        serial_shadow: run the serial sampler alongside, one step per round inside the
+            round's model call (one more step evaluation per round, counted in ``nfe``),
+            and compare each frozen state with it (docs/design.md §3d). A frozen state
+            more than ``tol`` noise units off means the chain amplifies what the freeze
+            rule accepts past what ``converged`` may promise (DDNM with η = 0 on a sharp
+            mixture prior: 0.1 off serial without it): the solve restarts after the
+            shadow's step and freezes exact states only (``res.stats.serial_mismatch``
+            names the step), within S rounds in all. The states it passed are returned
+            as the serial ones. Off (or ``tol * freeze_ratio == 0``, where every frozen
+            state is exact already): no shadow.
     """
     check_solver(solver)
     check_linearize(linearize)
@@ -250,6 +260,8 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
         raise ValueError("history_dtype is not supported with process_group (the sharded "
                          "solve keeps its Anderson history in the state dtype)")
     check_positive_int("check_every", check_every)
+    if not isinstance(serial_shadow, bool):
+        raise TypeError(f"serial_shadow must be True or False, got {serial_shadow!r}")
     start = time.perf_counter()
     system, noise = _prepare(model, chain, x_T, noise, generator, allow_tf32=allow_tf32)
     u0 = system.coeffs.u0
@@ -275,7 +287,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
                             max_iter=max_iter, window=window,
                             callback=callback, initial_nfe=extra_nfe,
                             check_every=check_every, cuda_graph=bool(cuda_graph),
-                            **solve_kw)
+                            serial_shadow=serial_shadow, **solve_kw)
         lin = stats.linearization
         solve_kw.update(linearize=linearize, window=window,
                         forward_jacobian=lin.jacobian if lin.active else None)

@@ -405,7 +405,8 @@ def _solve_kwargs(cfg: BenchConfig, name: str, speed_only: bool) -> dict:
     return kw
 
 
-SETTING_KEYS = ("solver", "linearize", "tol", "init", "window", "max_iter", "freeze_ratio")
+SETTING_KEYS = ("solver", "linearize", "tol", "init", "window", "max_iter", "freeze_ratio",
+                "serial_shadow")
 
 
 def effective_settings(kw: dict) -> dict:

@@ -58,6 +58,7 @@ a timeout: destroy it).
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -68,9 +69,10 @@ import torch.distributed as dist
 from ._checks import raise_nonfinite
 from .ops import step_residuals
 from .ops.anderson import AndersonRing, anderson_weights
-from .solvers import (FREEZE_RATIO, SOLVERS, Anderson, Picard, SolverStats,
+from .solvers import (FREEZE_RATIO, SOLVERS, Anderson, Picard, SerialShadow, SolverStats,
                       TriangularAnderson, check_solver, enter_steps, guard_tripped,
-                      record_round, steps_to_freeze, switch_off_jacobian)
+                      note_deviation, record_round, shadow_applies, steps_to_freeze,
+                      switch_off_jacobian)
 
 DEFAULT_TIMEOUT = 300.0          # seconds a collective may wait for the slowest peer
 
@@ -318,7 +320,8 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                               max_iter: Optional[int] = None, window: Optional[int] = None,
                               freeze_ratio: float = FREEZE_RATIO,
                               callback: Optional[Callable] = None, initial_nfe: int = 0,
-                              check_every: int = 1, cuda_graph: bool = False, **options):
+                              check_every: int = 1, cuda_graph: bool = False,
+                              serial_shadow: bool = True, **options):
     """``solvers.fixed_point_solve`` with the steps sharded over ``process_group`` (a
     ProcessGroup or a ``ShardConfig``). X [S, B, ...] must hold the same initial guess on
     every rank. Returns (X, stats) with every state filled in on every rank;
@@ -382,11 +385,16 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
 
     rows = (-(-w // R)) if cfg.rebalance else min(w, _max_block(even_split(0, S, R)))
     ring = _Ring(upd.history, max(1, rows), item) if anderson else None
+    # the serial shadow (solvers.SerialShadow) runs on rank 0, inside its model call; its
+    # state travels with the carry gather and the holder of the frozen state compares
+    shadow = SerialShadow(system, X, scale_dev) if shadow_applies(
+        system, tol, freeze_ratio, serial_shadow) else None
 
     stats = SolverStats(nfe=initial_nfe, linearization=lin)
     stats.sharding = sst
     final_owner = torch.zeros(S, dtype=torch.int64)          # host: who holds step s at the end
     lo, hi = 0, w
+    filled = hi             # steps below hold an iterate (a restart keeps them)
     parts = split(lo, hi)
     prev_r: Optional[torch.Tensor] = None
     shape_B = (X.shape[1],)
@@ -405,10 +413,21 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
         # -- 1. the block's model call and scan from its old carry --------------------------
         A_last = torch.ones_like(item)
         G_last = torch.zeros_like(item)
+        p = stats.iterations                       # the shadow's step this round
+        if shadow is not None and me == 0 and not Wk and comm.failed is None:
+            try:                                   # rank 0 has no steps: the shadow alone
+                shadow.step(system.eps_bar(shadow.u[None], p, check_finite=False)[0])
+            except Exception as e:                     # noqa: BLE001 - reported to every rank
+                comm.failed = e
         if Wk and comm.failed is None:
             try:
                 U = system.inputs(X, a, b)
-                E = system.model_term(U, a)
+                if shadow is not None and me == 0:
+                    E, e_shadow = shadow.model_term(U, a)
+                    shadow.step(e_shadow)
+                    del e_shadow
+                else:
+                    E = system.model_term(U, a)
                 lin.observe(a, b, U, E)
                 # the window's last model output starts the steps entering it (enter_steps)
                 e_last = E[-1:].clone() if (b == hi and w < S and hasattr(system, "extend")) else None
@@ -428,16 +447,27 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                 A_last, G_last = torch.ones_like(item), torch.zeros_like(item)
         sst.compute_seconds += time.perf_counter() - t0
         # -- 2. exclusive scan of the blocks' affine maps (two states per rank) -------------
-        carries = comm.all_gather(torch.cat([A_last.reshape(-1), G_last.reshape(-1)]), "carry scan")
+        payload = [A_last.reshape(-1), G_last.reshape(-1)]
+        if shadow is not None:                 # rank 0's shadow state rides along
+            payload.append((shadow.u if me == 0 else torch.zeros_like(item)).reshape(-1))
+        carries = comm.all_gather(torch.cat(payload), "carry scan")
         t0 = time.perf_counter()
-        r_pad = torch.full((maxW,), float("nan"), dtype=torch.float64, device=X.device)
+        # the residuals of the block, then the shadow's deviation where this rank holds
+        # the frozen state of its step (-1 elsewhere)
+        r_pad = torch.full((maxW + 1,), float("nan"), dtype=torch.float64, device=X.device)
+        r_pad[maxW] = -1.0
+        if shadow is not None and p < lo and int(final_owner[p]) == me and comm.failed is None:
+            serial = carries[0, 2 * n_state:].view_as(item)
+            r_pad[maxW:] = shadow.deviation(X, p, serial)
+            if p < lo - 1:      # no longer read (lo - 1 is the carry): the serial state
+                X[p] = serial   # (as in solvers.fixed_point_solve; a mismatch resets it)
         if Wk and comm.failed is None:
             try:
                 if me != first:
                     delta = torch.zeros_like(item)
                     for k in order[:order.index(me)]:
                         Ak = carries[k, :n_state].view_as(item)
-                        Gk = carries[k, n_state:].view_as(item)
+                        Gk = carries[k, n_state:2 * n_state].view_as(item)
                         delta = Gk + Ak * delta
                     FX = FX0
                     run = torch.ones_like(item)
@@ -459,6 +489,45 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
         rows_all = comm.gather_checked(r_pad, "residual gather")
         r = torch.cat([rows_all[k, :parts[k][1] - parts[k][0]] for k in order])
         t0 = time.perf_counter()
+        if shadow is not None:
+            stats.nfe += 1                         # the shadow's step evaluation
+            deviation = float(rows_all[:, maxW].max()) if p < lo else -1.0
+            if p < lo:
+                note_deviation(stats, deviation)
+            if not deviation <= tol:
+                if not math.isfinite(deviation):
+                    raise_nonfinite(p)
+                # a frozen state off the serial one (solvers.fixed_point_solve): every
+                # rank takes the shadow's state, the states are replicated from the
+                # ranks that hold them, and the solve restarts after the shadow's step,
+                # freezing exact states only
+                row = record_round(stats, r, lo, hi, S)
+                stats.serial_mismatch = p
+                serial = carries[0, 2 * n_state:].view_as(item)
+                holder = final_owner.clone()
+                for k, (pa, pb) in enumerate(parts):
+                    holder[pa:pb] = k
+                holder[hi:] = 0               # never entered: the same initial guess everywhere
+                _replicate(comm, X, lin, holder, me)
+                X[p] = serial
+                if callback is not None and comm.failed is None:
+                    try:
+                        callback({"iteration": stats.iterations, "window": (lo, hi),
+                                  "residuals": row, "nfe": stats.nfe, "state": X, "rank": me,
+                                  "block": (a, b)})
+                    except Exception as e:             # noqa: BLE001 - reported to every rank
+                        comm.failed = e
+                shadow, tol, prev_r = None, 0.0, None
+                ring = _Ring(upd.history, max(1, rows), item) if anderson else None
+                del FX
+                sst.compute_seconds += time.perf_counter() - t0
+                _mark(sst, marks)
+                lo, hi = p + 1, min(p + 1 + w, S)
+                if lo == S:
+                    stats.converged = True
+                    break
+                parts = split(lo, hi)
+                continue
         G = None
         bad = ~torch.isfinite(r)
         if bool(bad.any()):
@@ -527,8 +596,10 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
         new_lo = lo + n_done
         new_hi = min(new_lo + w, S)
         last_owner = _owner_of(parts, hi - 1)
-        if new_hi > hi and me == last_owner:
-            enter_steps(system, X, e_last, hi, new_hi)
+        if new_hi > filled:
+            if me == last_owner:    # steps below ``filled`` kept their iterates (a restart)
+                enter_steps(system, X, e_last if hi == filled else None, filled, new_hi)
+            filled = new_hi
         if cfg.rebalance:
             new_parts = _kept_split(parts, new_lo, hi, new_hi, last_owner)
             even = _rebalanced(new_parts, new_lo, new_hi)
@@ -547,16 +618,24 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                 final_owner[max(pa, lo):pb] = k    # unfinished steps: their current owner
     # -- the result on every rank: each state from the rank that holds it ---------------------
     comm.gather_checked(X.new_zeros(0), "final status")
-    mask = (final_owner == me).to(X.device).view(S, *([1] * (X.dim() - 1)))
+    _replicate(comm, X, lin, final_owner, me)
+    sst.total_seconds = time.perf_counter() - t_start
+    return X, stats
+
+
+def _replicate(comm: _Comm, X, lin, holder: torch.Tensor, me: int) -> None:
+    """Every state on every rank, each from the rank ``holder`` [S] names, and with the
+    secant the slopes each rank refitted (for the adjoint's J, handle.gradients; and a
+    restart's new split). The secant's round history is dropped: its steps change ranks."""
+    S = X.shape[0]
+    mask = (holder == me).to(X.device).view(S, *([1] * (X.dim() - 1)))
     X.copy_(torch.where(mask, X, torch.zeros((), dtype=X.dtype, device=X.device)))
     _all_reduce(comm, X, "final states")
-    if secant and lin.slopes is not None:
-        # the secant slopes each rank refitted, for the adjoint's J (handle.gradients)
+    if getattr(lin, "kind", None) == "secant" and lin.slopes is not None:
         smask = mask.view(S, 1, 1)
         lin.slopes.copy_(torch.where(smask, lin.slopes, torch.zeros_like(lin.slopes)))
         _all_reduce(comm, lin.slopes, "final slopes")
-    sst.total_seconds = time.perf_counter() - t_start
-    return X, stats
+        lin.forget_rounds()
 
 
 def _mark(sst: ShardStats, marks):

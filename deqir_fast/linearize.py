@@ -83,6 +83,13 @@ class Linearization:
         """The guard's fallback: J = 0 from now on."""
         self.active = False
 
+    def forget_rounds(self) -> None:
+        """Drop the secant's round history (keep the slopes): the next refit of a step
+        waits for two new rounds. A solve restarted after the serial shadow's step does
+        this (its steps may change ranks in a sharded solve)."""
+        if self._seen is not None:
+            self._seen.zero_()
+
     def jacobian(self, lo: int, hi: int) -> Optional[torch.Tensor]:
         """J for steps lo..hi-1, broadcastable to the window [hi-lo, B, ...], or None."""
         if not self.active:

@@ -5,7 +5,8 @@ Unless an entry sets ``init``, a peer also gets our initial guess (``init="auto"
 in a sliding window, our start for the steps entering it (docs/design.md §3c; the
 published ParaDiGMS starts them from a copy and every state from x_T): the comparison
 then isolates the update rule, the Jacobian guess and the freeze rule, and errs in the
-peers' favour.
+peers' favour. The serial shadow (docs/design.md §3d) is ours: peers run without it, as
+published (it costs them nothing then, and never changes their stop).
 
 - ParaDiGMS (Shih et al., NeurIPS 2023; diffusers' Paradigms pipeline): Picard on the
   sums of drifts, which is the linearised scan with J = (1 - P)/Q; a sliding window;
@@ -24,9 +25,11 @@ from typing import Dict
 
 PEERS: Dict[str, dict] = {
     "deqir_fast": {},
-    "ParaDiGMS": dict(solver="picard", linearize="paradigms", freeze_ratio=1.0, tol=0.1),
-    "DeqIR": dict(solver="anderson", linearize="none", init="x_T", max_iter=15),
-    "ParaTAA": dict(solver="triangular_anderson", linearize="none"),
+    "ParaDiGMS": dict(solver="picard", linearize="paradigms", freeze_ratio=1.0, tol=0.1,
+                      serial_shadow=False),
+    "DeqIR": dict(solver="anderson", linearize="none", init="x_T", max_iter=15,
+                  serial_shadow=False),
+    "ParaTAA": dict(solver="triangular_anderson", linearize="none", serial_shadow=False),
 }
 
 

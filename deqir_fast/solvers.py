@@ -16,6 +16,7 @@ looked up by name in ``SOLVERS`` (add one with ``@register_solver("name")``). A 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -159,6 +160,12 @@ class SolverStats:
     linearization: object = field(default=None, repr=False)   # its final J (for the adjoint)
     graph_rounds: int = 0         # rounds replayed from a CUDA graph (cuda_graph=True)
     graph_error: Optional[str] = None   # why capture failed, when it did
+    # the step whose frozen state the serial shadow found off the serial sampler's by more
+    # than tol (docs/design.md §3d); the solve then went on freezing exact states only
+    serial_mismatch: Optional[int] = None
+    # the largest deviation of a frozen state from the shadow's serial one (noise units);
+    # NaN when the shadow compared nothing
+    shadow_deviation: float = float("nan")
 
     @property
     def residual_trace(self) -> torch.Tensor:
@@ -230,12 +237,67 @@ def enter_steps(system, X: torch.Tensor, e_last: Optional[torch.Tensor], hi: int
     X[hi:new_hi] = X[hi - 1] if start is None else torch.where(torch.isfinite(start), start, X[hi - 1])
 
 
+class SerialShadow:
+    """The serial sampler run alongside a solve, one step per round, in the round's own
+    model call (docs/design.md §3d).
+
+    Round k (0-based) evaluates the shadow's state entering step k with the window and
+    steps it, so after the round it holds the serial sampler's state after step k. A
+    round freezes at least one step, so step k is frozen by round k + 1 whenever the
+    window has moved past it: ``deviation`` then compares the frozen state with the
+    serial one. Only the current state is kept (one item state, [B, ...])."""
+
+    def __init__(self, system, X: torch.Tensor, scale_dev: torch.Tensor):
+        self.system = system
+        self.u = system.carry(X, 0).clone()          # the serial state entering step p
+        self.p = torch.zeros(1, dtype=torch.int64, device=X.device)
+        self.scale = scale_dev
+
+    def model_term(self, U: torch.Tensor, lo: int):
+        """(ē(U), ē of the shadow's state): one model call."""
+        return self.system.model_term_with_shadow(U, lo, self.u, self.p)
+
+    def step(self, e: torch.Tensor) -> torch.Tensor:
+        """Take the shadow's step p with its model output e and move p on; returns the
+        step taken (a one-element device index)."""
+        p = self.p.clone()
+        # in place, so that a captured round (cuda_graph) reads and writes the same buffers
+        self.u.copy_(self.system.shadow_step(self.u, e, p))
+        self.p += 1
+        return p
+
+    def deviation(self, X: torch.Tensor, p: int, serial: torch.Tensor) -> torch.Tensor:
+        """max|X[p] - serial| in noise units of step p, measured as the residuals are
+        (DDNM's derived range elements weighted, docs/design.md §3b): [1] float64, on
+        the device."""
+        return self.system.residuals((X[p] - serial)[None], p, p + 1, self.scale[p:p + 1])
+
+    def advance(self, e: torch.Tensor, X: torch.Tensor, p: int) -> torch.Tensor:
+        """``step`` (the shadow is at step p), then the ``deviation`` of X's state at p
+        from the shadow's (no host sync)."""
+        self.step(e)
+        return self.deviation(X, p, self.u)
+
+
+def note_deviation(stats: "SolverStats", deviation: float) -> None:
+    """Keep the largest deviation the shadow measured (``stats.shadow_deviation``)."""
+    if math.isnan(stats.shadow_deviation) or deviation > stats.shadow_deviation:
+        stats.shadow_deviation = deviation
+
+
+def shadow_applies(system, tol: float, freeze_ratio: float, serial_shadow: bool) -> bool:
+    """Whether a solve runs the serial shadow: a chain system (the adjoint has none), and a
+    freeze rule that can freeze inexact states (tol * freeze_ratio > 0; at 0 every frozen
+    state is the serial one already)."""
+    return bool(serial_shadow) and tol * freeze_ratio > 0 and hasattr(system, "shadow_step")
+
+
 def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
                       linearize: str = "secant", tol: float = 3e-3, floor: float = 0.1,
                       max_iter: Optional[int] = None, window: Optional[int] = None,
                       freeze_ratio: float = FREEZE_RATIO, callback: Optional[Callable] = None,
                       initial_nfe: int = 0, check_every: int = 1, cuda_graph: bool = False,
-                      **options):
+                      serial_shadow: bool = True, **options):
     """Solve X = F(X) for a triangular system: a ``ChainSystem`` (the sampler) or an
     ``AdjointSystem`` (its gradient), anything with ``num_steps``, ``residual_scale``,
     ``inputs``, ``model_term``, ``scan`` and ``linearization``. X: [S, B, ...], updated
@@ -245,13 +307,20 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
     ``check_every`` = k > 1 keeps the window and the freeze bookkeeping on the device
     and reads the residuals back once every k rounds (``_solve_checking_every``);
     ``cuda_graph`` (CUDA, with k > 1) also replays the rounds between two reads from a
-    captured CUDA graph. k = 1 (the default) is the loop below, one read per round."""
+    captured CUDA graph. k = 1 (the default) is the loop below, one read per round.
+
+    ``serial_shadow`` runs the serial sampler alongside, one step per round in the same
+    model call (``SerialShadow``), and compares every frozen state with it: a frozen
+    state more than ``tol`` noise units off means the chain amplifies the residuals the
+    freeze rule accepts; the solve then restarts after the shadow's last step and
+    freezes exact states only (``stats.serial_mismatch``; still at most S rounds)."""
     if check_every != 1 or cuda_graph:
         return _solve_checking_every(system, X, solver=solver, linearize=linearize, tol=tol,
                                      floor=floor, max_iter=max_iter, window=window,
                                      freeze_ratio=freeze_ratio, callback=callback,
                                      initial_nfe=initial_nfe, check_every=check_every,
-                                     cuda_graph=cuda_graph, **options)
+                                     cuda_graph=cuda_graph, serial_shadow=serial_shadow,
+                                     **options)
     update = SOLVERS[check_solver(solver)](**options)
     lin = system.linearization(linearize)
     S = system.num_steps
@@ -261,25 +330,68 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
     scale_dev = scale.to(X.device)
     fused = callable(getattr(system, "round_and_residuals", None))   # F(X) and r in one op
     stats = SolverStats(nfe=initial_nfe, linearization=lin)   # nfe: the initial guess's
+    shadow = SerialShadow(system, X, scale_dev) if shadow_applies(
+        system, tol, freeze_ratio, serial_shadow) else None
     lo, hi = 0, w
+    filled = hi                 # steps below this hold an iterate (no entering start needed)
     prev_r: Optional[torch.Tensor] = None                         # last round's, by step
     while stats.iterations < max_iter:
         U = system.inputs(X, lo, hi)
-        E = system.model_term(U, lo)
+        if shadow is not None:
+            E, e_shadow = shadow.model_term(U, lo)
+        else:
+            E = system.model_term(U, lo)
         lin.observe(lo, hi, U, E)
         if fused:
             FX, r = system.round_and_residuals(E, U, X[hi - 1], lo, hi, lin, scale_dev[lo:hi])
-            r = r.to("cpu")                                       # the round's sync
             G = None                                              # F(X) - X, when needed
         else:
             FX = system.scan(E, U, lo, hi, lin.jacobian(lo, hi))   # [hi-lo, B, ...]
             G = FX - X[lo:hi]
-            r = step_residuals(G).to("cpu", torch.float64) * scale[lo:hi]   # the round's sync
+            r = step_residuals(G).to(torch.float64) * scale_dev[lo:hi]
+        p = stats.iterations                                      # the shadow's step
+        if shadow is not None:
+            r = torch.cat([r, shadow.advance(e_shadow, X, p)])
+            del e_shadow
+        r = r.to("cpu")                                           # the round's sync
+        deviation = None
+        if shadow is not None:
+            r, deviation = r[:-1], float(r[-1])
         # the window's last model output starts the steps entering it (enter_steps)
         e_last = E[-1:].clone() if (w < S and hasattr(system, "extend")) else None
         # U and E are spent: release them before the update allocates its own temporaries
         # (bench/round.py --memory).
         del U, E
+        if deviation is not None and p < lo:
+            note_deviation(stats, deviation)
+        if deviation is not None and p < lo and not deviation <= tol:
+            if deviation != deviation or deviation == float("inf"):
+                raise_nonfinite(p)        # the serial sampler's own step p fails
+            # Frozen state p is off the serial one by more than tol: the chain amplifies
+            # what the freeze rule accepts (docs/design.md §3d). Restart from the shadow's
+            # exact state and freeze only states equal to the serial ones (tol = 0): the
+            # front still moves at least one step per round, so S rounds still suffice.
+            row = record_round(stats, r, lo, hi, S)
+            stats.nfe += 1
+            stats.serial_mismatch = p
+            X[p] = shadow.u
+            if callback is not None:
+                callback({"iteration": stats.iterations, "window": (lo, hi), "residuals": row,
+                          "nfe": stats.nfe, "state": X})
+            shadow, tol, prev_r = None, 0.0, None
+            lin.forget_rounds()
+            update = SOLVERS[solver](**options)
+            lo, hi = p + 1, min(p + 1 + w, S)
+            update.drop(lo)
+            del FX, G
+            if lo == S:
+                stats.converged = True
+                break
+            continue
+        if shadow is not None:
+            stats.nfe += 1                # the shadow's step evaluation
+            if p < lo - 1:                # frozen and no longer read (lo - 1 is the carry):
+                X[p] = shadow.u           # the returned state is the serial one
         bad = ~torch.isfinite(r)
         if bool(bad.any()):
             k = int(bad.nonzero()[0, 0])
@@ -317,8 +429,10 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             break
         new_lo = lo + n_done
         new_hi = min(new_lo + w, S)
-        if new_hi > hi:
-            enter_steps(system, X, e_last, hi, new_hi)
+        if new_hi > filled:
+            # steps below ``filled`` kept their iterates across a restart (serial shadow)
+            enter_steps(system, X, e_last if hi == filled else None, filled, new_hi)
+            filled = new_hi
         update.drop(n_done)
         lo, hi = new_lo, new_hi
     return X, stats
@@ -326,7 +440,7 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
 
 def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter, window,
                           freeze_ratio, callback, initial_nfe, check_every, cuda_graph,
-                          **options):
+                          serial_shadow=True, **options):
     """``fixed_point_solve`` reading the residuals back once every ``check_every`` rounds.
 
     Between two reads the window [lo, hi) stays put and the freeze rule runs on the
@@ -361,7 +475,10 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
     fused = callable(getattr(system, "round_and_residuals", None))
     use_graph = bool(cuda_graph) and dev.type == "cuda" and isinstance(update, Picard)
     stats = SolverStats(nfe=initial_nfe, linearization=lin)
+    shadow = SerialShadow(system, X, scale_dev) if shadow_applies(
+        system, tol, freeze_ratio, serial_shadow) else None
     lo, hi = 0, w
+    filled = hi
     prev_row: Optional[torch.Tensor] = None
     while stats.iterations < max_iter:
         W = hi - lo
@@ -378,10 +495,17 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
         thr = tol * freeze_ratio
         accept = tol if hi == S else thr             # see steps_to_freeze
         e_last = X.new_empty((1, *X.shape[1:])) if (w < S and hasattr(system, "extend")) else None
+        if shadow is not None:      # the shadow's states of the batch's rounds
+            shadow_hist = X.new_empty((n_rounds, *X.shape[1:]))
 
         def one_round():
             U = system.inputs(X, lo, hi)
-            E = system.model_term(U, lo)
+            if shadow is not None:
+                E, e_shadow = shadow.model_term(U, lo)
+                shadow.step(e_shadow)
+                shadow_hist.index_copy_(0, q_dev.view(1), shadow.u[None])
+            else:
+                E = system.model_term(U, lo)
             lin.observe(lo, hi, U, E)                   # no host sync: capturable
             if e_last is not None:
                 e_last.copy_(E[-1:])
@@ -408,7 +532,15 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
         for _ in range(done_rounds, n_rounds):
             one_round()
         # -- the read-back: one host sync per check_every rounds --------------------------
-        r_host = r_hist.to("cpu")
+        p0 = stats.iterations                       # the shadow's step in the batch's round 0
+        if shadow is not None:
+            # each round's shadow state against X's state at its step (compared below
+            # only where that state was frozen before the round: frozen states stay put)
+            devs = torch.cat([shadow.deviation(X, p0 + q, shadow_hist[q]) for q in range(n_rounds)])
+            both = torch.cat([r_hist.flatten(), devs]).to("cpu")
+            r_host, dev_host = both[:r_hist.numel()].view_as(r_hist), both[r_hist.numel():]
+        else:
+            r_host = r_hist.to("cpu")
         f_host = f_hist.to("cpu")
         for q in range(n_rounds):
             stats.iterations += 1
@@ -429,6 +561,38 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             if callback is not None:
                 callback({"iteration": stats.iterations, "window": (lo, hi), "residuals": row,
                           "nfe": stats.nfe, "state": X})
+        if shadow is not None:
+            stats.nfe += n_rounds                       # the shadow's step evaluations
+            # frozen before round q: below the window's front at the round's start
+            for q in range(n_rounds):
+                if p0 + q < lo + int(f_host[q]):
+                    note_deviation(stats, float(dev_host[q]))
+            over = [q for q in range(n_rounds)
+                    if p0 + q < lo + int(f_host[q]) and not float(dev_host[q]) <= tol]
+            # the frozen states the shadow passed, no longer read (the carry is lo + f - 1),
+            # take the serial values (as in fixed_point_solve)
+            last_read = lo + int(f_host[-1]) - 1 if not over else S
+            for q in range(over[0] if over else n_rounds):
+                if p0 + q < min(lo + int(f_host[q]), last_read):
+                    X[p0 + q] = shadow_hist[q]
+            if over:
+                q = over[0]
+                if not math.isfinite(float(dev_host[q])):
+                    raise_nonfinite(p0 + q)
+                # a frozen state off the serial one (see fixed_point_solve): restart after
+                # the shadow's step, freezing exact states only
+                p = p0 + q
+                stats.serial_mismatch = p
+                X[p] = shadow_hist[q]
+                shadow, tol, prev_row = None, 0.0, None
+                lin.forget_rounds()
+                update = SOLVERS[solver](**options)
+                lo, hi = p + 1, min(p + 1 + w, S)
+                update.drop(lo)
+                if lo == S:
+                    stats.converged = True
+                    break
+                continue
         f = int(f_host[-1])
         finite = torch.isfinite(X[lo:hi]).flatten(1).all(1).to("cpu")
         if not bool(finite.all()):
@@ -446,8 +610,9 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             break
         new_lo = lo + f
         new_hi = min(new_lo + w, S)
-        if new_hi > hi:
-            enter_steps(system, X, e_last, hi, new_hi)
+        if new_hi > filled:
+            enter_steps(system, X, e_last if hi == filled else None, filled, new_hi)
+            filled = new_hi
         update.drop(f)
         lo, hi = new_lo, new_hi
     return X, stats

@@ -206,6 +206,32 @@ class ChainSystem:
         e = call_model(self.model, x, t, lo, B, check_finite, self.allow_tf32)
         return self.chain.to_basis(e).view_as(U)
 
+    def model_term_with_shadow(self, U: torch.Tensor, lo: int, u: torch.Tensor,
+                               p: torch.Tensor):
+        """``model_term`` with the serial shadow's state u [B, ...], entering step p (a
+        one-element int64 tensor on the state's device, so a captured round can advance
+        it), in the same model call: (ē(U), ē(u)). Batching it with the window costs one
+        step evaluation, not a second call (docs/design.md §3d)."""
+        W, B = U.shape[:2]
+        x = self.chain.from_basis(torch.cat([U.reshape(W * B, *U.shape[2:]), u]))
+        t = torch.cat([self.timesteps[lo:lo + W].repeat_interleave(B),
+                       self.timesteps.index_select(0, p).expand(B)])
+        e = self.chain.to_basis(call_model(self.model, x, t, lo, B, False, self.allow_tf32))
+        return e[:W * B].view_as(U), e[W * B:]
+
+    def shadow_step(self, u: torch.Tensor, e: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The serial sampler's step p from u with ē = e (both [B, ...]; p a one-element
+        int64 tensor on the device): the arithmetic of ``serial``, so the shadow is the
+        serial sampler's state bit for bit when the model's output does not depend on the
+        batch it runs in."""
+        c = self.coeffs
+        if self.spec is None:
+            R = None if c.R is None else c.R.index_select(0, p)[0]
+            return affine_step(c.P.index_select(0, p)[0], c.Q.index_select(0, p)[0], e, R, u)
+        noise = c.noise.index_select(0, p) if (self.spec.uses_noise and c.noise is not None) else None
+        return fused_round(self.spec.sampler, self._table.index_select(0, p), e[None], u[None], u,
+                           self._ones[:1], self._s, self._ybar(), noise, None)[0][0]
+
     def inputs(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """U [hi-lo, B, ...]: the state entering each of steps lo..hi-1."""
         carry = self.carry(X, lo).unsqueeze(0)

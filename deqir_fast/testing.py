@@ -43,11 +43,13 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         return (1 - a).sqrt() * (w * diff).sum(1) / v
 
 
-def readme_problem(kind: str, seed: int):
+def readme_problem(kind: str, seed: int, eta: Optional[float] = None):
     """The README's example (GMM prior, 3x32x32, DDRM-100 inpainting) with its random
     draws from ``torch.manual_seed(seed)``, and its DDNM and DDIM (eta 0.5) variants
-    (``kind`` "DDRM", "DDNM" or "DDIM"): (model, chain, x_T). The stopping rule's
-    calibration sweep and its CI subset run these."""
+    (``kind`` "DDRM", "DDNM" or "DDIM"): (model, chain, x_T). ``eta`` replaces the
+    chain's eta (DDRM 0.85, DDNM 0.85, DDIM 0.5); with 0, DDNM's chain amplifies float32
+    rounding past a grey level (docs/design.md §3d). The stopping rule's calibration
+    sweep and its CI subset run these."""
     from . import operators as ops
     from .chains import DDIM, DDNM, DDRM
     from .schedules import timesteps
@@ -58,9 +60,10 @@ def readme_problem(kind: str, seed: int):
     op = ops.Inpainting((torch.rand(32, 32) > 0.5).float())
     y = op.A(torch.rand(1, 3, 32, 32) * 2 - 1)
     if kind == "DDRM":
-        chain = DDRM(sched, ts, operator=op, y=y, sigma_y=0.0, eta=0.85, eta_b=1.0)
+        chain = DDRM(sched, ts, operator=op, y=y, sigma_y=0.0, eta=0.85 if eta is None else eta,
+                     eta_b=1.0)
     elif kind == "DDNM":
-        chain = DDNM(sched, ts, operator=op, y=y, sigma_y=0.0, eta=0.85)
+        chain = DDNM(sched, ts, operator=op, y=y, sigma_y=0.0, eta=0.85 if eta is None else eta)
     else:
-        chain = DDIM(sched, ts, eta=0.5)
+        chain = DDIM(sched, ts, eta=0.5 if eta is None else eta)
     return model, chain, torch.randn(1, 3, 32, 32)

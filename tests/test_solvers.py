@@ -245,3 +245,70 @@ def test_low_precision_history_reaches_serial_in_the_same_rounds(ddpm_like_probl
     full, low = run(), run(history_dtype=history_dtype)
     assert low.converged and (low.x0 - serial).abs().max().item() < 2 / 255
     assert low.iterations <= 1.2 * full.iterations, (low.iterations, full.iterations)
+
+
+# -- the serial shadow (docs/design.md §3d) ---------------------------------------------------
+# η = 0 on the mixture prior: DDNM's chain moves its x0 by 2.6e-2 to 6.0e-2 for a 1e-6
+# change of x_T, so states frozen at the freeze rule's 1e-4 (and even at float32 rounding)
+# end 8.5e-3 to 0.12 off serial; without the shadow, 20 of 20 seeds converged over 2/255
+# (bench/RESULTS.md §8). Four seeds of each: about 1 s per DDNM solve.
+ETA0_SEEDS = (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("kind", ["DDNM", "DDIM"])
+def test_converged_means_within_one_grey_level_with_eta_zero(kind):
+    for seed in ETA0_SEEDS:
+        model, chain, x_T = dq.testing.readme_problem(kind, seed, eta=0.0)
+        serial = dq.sample_serial(model, chain, x_T)
+        res = dq.solve(model, chain, x_T)
+        assert res.converged and res.iterations <= chain.num_steps, seed
+        assert (res.x0 - serial).abs().max().item() < 2 / 255, seed
+
+
+@pytest.mark.parametrize("check_every,window", [(1, None), (3, None), (1, 20), (4, 10)])
+def test_serial_shadow_restarts_where_the_chain_amplifies_frozen_residuals(check_every, window):
+    model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
+    serial = dq.sample_serial(model, chain, x_T, return_states=True)
+    res = dq.solve(model, chain, x_T, check_every=check_every, window=window)
+    assert res.stats.serial_mismatch is not None
+    assert res.converged and res.iterations <= chain.num_steps
+    # the states the shadow passed are its serial ones, and from its exact state on only
+    # states equal to the serial ones froze: the serial sampler's result, bit for bit (this
+    # model's output does not depend on the batch it runs in)
+    assert torch.equal(res.states, serial)
+    if (check_every, window) == (1, None):
+        # the hazard the shadow is there for: without it the same solve claims convergence
+        unchecked = dq.solve(model, chain, x_T, serial_shadow=False)
+        assert unchecked.converged and unchecked.stats.serial_mismatch is None
+        assert (unchecked.x0 - serial[-1]).abs().max().item() > 2 / 255
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_states_the_serial_shadow_passed_are_the_serial_ones(check_every):
+    model, chain, x_T = dq.testing.readme_problem("DDRM", 1)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    serial = dq.sample_serial(model, chain, x_T, generator=gen(), return_states=True)
+    res = dq.solve(model, chain, x_T, generator=gen(), check_every=check_every)
+    K = res.iterations
+    assert res.converged and res.stats.serial_mismatch is None and K > 10
+    assert torch.equal(res.states[:K - 1], serial[:K - 1])   # the shadow reached step K - 1
+    assert not torch.equal(res.states, serial)                # the rest to tolerance only
+
+
+@pytest.mark.parametrize("kw", [dict(tol=0.0), dict(freeze_ratio=0.0), dict(serial_shadow=False)])
+def test_serial_shadow_runs_only_where_a_frozen_state_can_be_inexact(kw):
+    """With tol * freeze_ratio = 0 every frozen state is the serial one already: no shadow
+    (nor its step evaluation per round in ``nfe``)."""
+    model, chain, x_T = dq.testing.readme_problem("DDIM", 2)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    res = dq.solve(model, chain, x_T, generator=gen(), max_iter=12, **kw)
+    on = dq.solve(model, chain, x_T, generator=gen(), max_iter=12)
+    steps = lambda r: sum(int(torch.isfinite(row).sum()) for row in r.residuals)  # noqa: E731
+    assert res.nfe == steps(res) + 1                       # the jump start's model call
+    assert on.nfe == steps(on) + 1 + on.iterations          # and the shadow's step per round
+
+
+def test_serial_shadow_must_be_a_bool():
+    model, chain, x_T = dq.testing.readme_problem("DDIM", 0)
+    with pytest.raises(TypeError, match="serial_shadow must be True or False"):
+        dq.solve(model, chain, x_T, serial_shadow="yes")
