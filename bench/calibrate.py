@@ -90,8 +90,11 @@ def record(model, chain, x_T, max_iter=None, **solve_kw):
                            "err": (x0 - serial).abs().max().item()})
 
         t0 = time.perf_counter()
+        # without the serial shadow (docs/design.md §3d): at RECORD_TOL a restart would
+        # put its exact-freezing rounds into the traces the replay reads as a plain solve
         _, stats = fixed_point_solve(system, X, tol=RECORD_TOL, floor=floor, max_iter=max_iter,
-                                     callback=callback, initial_nfe=init_nfe, **solve_kw)
+                                     callback=callback, initial_nfe=init_nfe,
+                                     serial_shadow=False, **solve_kw)
     return {"sigma": sigma.tolist(), "rounds": rounds, "seconds": time.perf_counter() - t0,
             "converged": stats.converged}
 

@@ -44,6 +44,11 @@ step probes_secant     python probes.py secant
 step probes_stop       python probes.py stop
 step probes_trace      python probes.py stop --trace DDNM-sr2
 step readme_sweep      python readme_sweep.py --seeds 300                                    # §8, the promise
+step readme_eta0       python readme_sweep.py --kinds DDNM,DDIM --eta0 --seeds 100            # §8 session 5, the shadow
+step readme_eta0_w20   python readme_sweep.py --kinds DDNM,DDIM --eta0 --seeds 50 --window 20
+for t in 1e-2 1e-3 1e-4 1e-5; do
+  step readme_noshadow_$t python readme_sweep.py --kinds DDNM --eta0 --seeds 20 --no-shadow --tol $t
+done
 step peers             python peers.py                                                       # §9
 step gradients_cost    python gradients.py cost --steps 100,1000                             # §10
 step sharding          python sharding.py                                                    # §12

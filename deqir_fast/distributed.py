@@ -454,11 +454,14 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
         t0 = time.perf_counter()
         # the residuals of the block, then the shadow's deviation where this rank holds
         # the frozen state of its step (-1 elsewhere)
-        r_pad = torch.full((maxW + 1,), float("nan"), dtype=torch.float64, device=X.device)
+        r_pad = torch.full((maxW + 2,), float("nan"), dtype=torch.float64, device=X.device)
         r_pad[maxW] = -1.0
+        # and whether rank 0's shadow state is finite (the serial sampler's step p fails)
+        r_pad[maxW + 1] = 1.0 if (shadow is None or me != 0) else \
+            torch.isfinite(shadow.u).all().to(torch.float64)
         if shadow is not None and p < lo and int(final_owner[p]) == me and comm.failed is None:
             serial = carries[0, 2 * n_state:].view_as(item)
-            r_pad[maxW:] = shadow.deviation(X, p, serial)
+            r_pad[maxW:maxW + 1] = shadow.deviation(X, p, serial)
             if p < lo - 1:      # no longer read (lo - 1 is the carry): the serial state
                 X[p] = serial   # (as in solvers.fixed_point_solve; a mismatch resets it)
         if Wk and comm.failed is None:
@@ -491,6 +494,8 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
         t0 = time.perf_counter()
         if shadow is not None:
             stats.nfe += 1                         # the shadow's step evaluation
+            if not bool((rows_all[:, maxW + 1] == 1).all()):
+                raise_nonfinite(p)                 # the serial sampler's own step p fails
             deviation = float(rows_all[:, maxW].max()) if p < lo else -1.0
             if p < lo:
                 note_deviation(stats, deviation)

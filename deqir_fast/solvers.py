@@ -272,11 +272,14 @@ class SerialShadow:
         the device."""
         return self.system.residuals((X[p] - serial)[None], p, p + 1, self.scale[p:p + 1])
 
-    def advance(self, e: torch.Tensor, X: torch.Tensor, p: int) -> torch.Tensor:
-        """``step`` (the shadow is at step p), then the ``deviation`` of X's state at p
-        from the shadow's (no host sync)."""
+    def advance(self, e: torch.Tensor, X: torch.Tensor, p: int, compare: bool) -> torch.Tensor:
+        """``step`` (the shadow is at step p), then, with ``compare``, the ``deviation`` of
+        X's state at p from the shadow's (0 without): [1] float64 on the device (no host
+        sync), NaN when the shadow's state is not finite (the serial sampler's own step p
+        fails)."""
         self.step(e)
-        return self.deviation(X, p, self.u)
+        d = self.deviation(X, p, self.u) if compare else self.u.new_zeros(1, dtype=torch.float64)
+        return torch.where(torch.isfinite(self.u).all(), d, torch.full_like(d, float("nan")))
 
 
 def note_deviation(stats: "SolverStats", deviation: float) -> None:
@@ -350,8 +353,8 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             G = FX - X[lo:hi]
             r = step_residuals(G).to(torch.float64) * scale_dev[lo:hi]
         p = stats.iterations                                      # the shadow's step
-        if shadow is not None:
-            r = torch.cat([r, shadow.advance(e_shadow, X, p)])
+        if shadow is not None:       # compared only where step p is frozen (p < lo)
+            r = torch.cat([r, shadow.advance(e_shadow, X, p, compare=p < lo)])
             del e_shadow
         r = r.to("cpu")                                           # the round's sync
         deviation = None
@@ -362,11 +365,11 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
         # U and E are spent: release them before the update allocates its own temporaries
         # (bench/round.py --memory).
         del U, E
+        if deviation is not None and not math.isfinite(deviation):
+            raise_nonfinite(p)            # the serial sampler's own step p fails
         if deviation is not None and p < lo:
             note_deviation(stats, deviation)
         if deviation is not None and p < lo and not deviation <= tol:
-            if deviation != deviation or deviation == float("inf"):
-                raise_nonfinite(p)        # the serial sampler's own step p fails
             # Frozen state p is off the serial one by more than tol: the chain amplifies
             # what the freeze rule accepts (docs/design.md §3d). Restart from the shadow's
             # exact state and freeze only states equal to the serial ones (tol = 0): the
@@ -454,7 +457,10 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
     window slides by f. So S rounds still reach the serial answer exactly, and
     ``converged`` is only set when every step was frozen. The cost: frozen steps stay in
     the batched model call until the next read (``nfe`` counts them), and the guard acts
-    up to k - 1 rounds late.
+    up to k - 1 rounds late. The serial shadow keeps its state of each round of the batch
+    (one item state each) and is compared at the read; a restart puts all the batch's
+    shadow states in and restarts after the last of them, so the window's front stays
+    at or past the round count and S rounds still suffice.
 
     ``cuda_graph``: on CUDA, the first round after each read runs eagerly (it warms up
     allocations and the kernels' validation) and the next is captured in a CUDA graph
@@ -537,8 +543,13 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             # each round's shadow state against X's state at its step (compared below
             # only where that state was frozen before the round: frozen states stay put)
             devs = torch.cat([shadow.deviation(X, p0 + q, shadow_hist[q]) for q in range(n_rounds)])
-            both = torch.cat([r_hist.flatten(), devs]).to("cpu")
-            r_host, dev_host = both[:r_hist.numel()].view_as(r_hist), both[r_hist.numel():]
+            finite = torch.isfinite(shadow_hist).flatten(1).all(1).to(torch.float64)
+            both = torch.cat([r_hist.flatten(), devs, finite]).to("cpu")
+            n = r_hist.numel()
+            r_host, dev_host = both[:n].view_as(r_hist), both[n:n + n_rounds]
+            bad_shadow = (both[n + n_rounds:] == 0).nonzero()
+            if bad_shadow.numel():          # the serial sampler's own step fails there
+                raise_nonfinite(p0 + int(bad_shadow[0, 0]))
         else:
             r_host = r_hist.to("cpu")
         f_host = f_hist.to("cpu")
@@ -576,22 +587,25 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
                 if p0 + q < min(lo + int(f_host[q]), last_read):
                     X[p0 + q] = shadow_hist[q]
             if over:
+                # a frozen state off the serial one (see fixed_point_solve): every state the
+                # shadow took in this batch is the serial one, so restart after the last
+                # (not after the bad one: the batch's later rounds are spent, and the front
+                # must stay at or past the round count for S rounds to suffice), freezing
+                # exact states only
                 q = over[0]
-                if not math.isfinite(float(dev_host[q])):
-                    raise_nonfinite(p0 + q)
-                # a frozen state off the serial one (see fixed_point_solve): restart after
-                # the shadow's step, freezing exact states only
-                p = p0 + q
-                stats.serial_mismatch = p
-                X[p] = shadow_hist[q]
+                stats.serial_mismatch = p0 + q
+                X[p0 + q:p0 + n_rounds] = shadow_hist[q:]
                 shadow, tol, prev_row = None, 0.0, None
                 lin.forget_rounds()
                 update = SOLVERS[solver](**options)
-                lo, hi = p + 1, min(p + 1 + w, S)
+                lo, hi = p0 + n_rounds, min(p0 + n_rounds + w, S)
                 update.drop(lo)
                 if lo == S:
                     stats.converged = True
                     break
+                if hi > filled:             # the restart can start past the old window
+                    enter_steps(system, X, None, filled, hi)
+                    filled = hi
                 continue
         f = int(f_host[-1])
         finite = torch.isfinite(X[lo:hi]).flatten(1).all(1).to("cpu")

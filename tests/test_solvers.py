@@ -265,7 +265,7 @@ def test_converged_means_within_one_grey_level_with_eta_zero(kind):
         assert (res.x0 - serial).abs().max().item() < 2 / 255, seed
 
 
-@pytest.mark.parametrize("check_every,window", [(1, None), (3, None), (1, 20), (4, 10)])
+@pytest.mark.parametrize("check_every,window", [(1, None), (3, None), (1, 20), (4, 10), (20, None)])
 def test_serial_shadow_restarts_where_the_chain_amplifies_frozen_residuals(check_every, window):
     model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
     serial = dq.sample_serial(model, chain, x_T, return_states=True)
