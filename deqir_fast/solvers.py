@@ -353,8 +353,9 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             G = FX - X[lo:hi]
             r = step_residuals(G).to(torch.float64) * scale_dev[lo:hi]
         p = stats.iterations                                      # the shadow's step
-        if shadow is not None:       # compared only where step p is frozen (p < lo)
-            r = torch.cat([r, shadow.advance(e_shadow, X, p, compare=p < lo)])
+        frozen = p < lo              # the shadow compares only a frozen state
+        if shadow is not None:
+            r = torch.cat([r, shadow.advance(e_shadow, X, p, compare=frozen)])
             del e_shadow
         r = r.to("cpu")                                           # the round's sync
         deviation = None
@@ -367,9 +368,9 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
         del U, E
         if deviation is not None and not math.isfinite(deviation):
             raise_nonfinite(p)            # the serial sampler's own step p fails
-        if deviation is not None and p < lo:
+        if deviation is not None and frozen:
             note_deviation(stats, deviation)
-        if deviation is not None and p < lo and not deviation <= tol:
+        if deviation is not None and frozen and not deviation <= tol:
             # Frozen state p is off the serial one by more than tol: the chain amplifies
             # what the freeze rule accepts (docs/design.md §3d). Restart from the shadow's
             # exact state and freeze only states equal to the serial ones (tol = 0): the
