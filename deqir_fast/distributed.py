@@ -421,12 +421,12 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                 comm.failed = e
         if Wk and comm.failed is None:
             try:
-                U = system.inputs(X, a, b)
                 if shadow is not None and me == 0:
-                    E, e_shadow = shadow.model_term(U, a)
+                    U, E, e_shadow = shadow.inputs_and_model_term(X, a, b)
                     shadow.step(e_shadow)
                     del e_shadow
                 else:
+                    U = system.inputs(X, a, b)
                     E = system.model_term(U, a)
                 lin.observe(a, b, U, E)
                 # the window's last model output starts the steps entering it (enter_steps)

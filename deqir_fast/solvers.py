@@ -253,9 +253,9 @@ class SerialShadow:
         self.p = torch.zeros(1, dtype=torch.int64, device=X.device)
         self.scale = scale_dev
 
-    def model_term(self, U: torch.Tensor, lo: int):
-        """(ē(U), ē of the shadow's state): one model call."""
-        return self.system.model_term_with_shadow(U, lo, self.u, self.p)
+    def inputs_and_model_term(self, X: torch.Tensor, lo: int, hi: int):
+        """(U, ē(U), ē of the shadow's state) for the window [lo, hi): one model call."""
+        return self.system.inputs_and_model_term_with_shadow(X, lo, hi, self.u, self.p)
 
     def step(self, e: torch.Tensor) -> torch.Tensor:
         """Take the shadow's step p with its model output e and move p on; returns the
@@ -339,10 +339,10 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
     filled = hi                 # steps below this hold an iterate (no entering start needed)
     prev_r: Optional[torch.Tensor] = None                         # last round's, by step
     while stats.iterations < max_iter:
-        U = system.inputs(X, lo, hi)
         if shadow is not None:
-            E, e_shadow = shadow.model_term(U, lo)
+            U, E, e_shadow = shadow.inputs_and_model_term(X, lo, hi)
         else:
+            U = system.inputs(X, lo, hi)
             E = system.model_term(U, lo)
         lin.observe(lo, hi, U, E)
         if fused:
@@ -506,12 +506,12 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             shadow_hist = X.new_empty((n_rounds, *X.shape[1:]))
 
         def one_round():
-            U = system.inputs(X, lo, hi)
             if shadow is not None:
-                E, e_shadow = shadow.model_term(U, lo)
+                U, E, e_shadow = shadow.inputs_and_model_term(X, lo, hi)
                 shadow.step(e_shadow)
                 shadow_hist.index_copy_(0, q_dev.view(1), shadow.u[None])
             else:
+                U = system.inputs(X, lo, hi)
                 E = system.model_term(U, lo)
             lin.observe(lo, hi, U, E)                   # no host sync: capturable
             if e_last is not None:

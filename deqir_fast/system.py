@@ -206,18 +206,23 @@ class ChainSystem:
         e = call_model(self.model, x, t, lo, B, check_finite, self.allow_tf32)
         return self.chain.to_basis(e).view_as(U)
 
-    def model_term_with_shadow(self, U: torch.Tensor, lo: int, u: torch.Tensor,
-                               p: torch.Tensor):
-        """``model_term`` with the serial shadow's state u [B, ...], entering step p (a
-        one-element int64 tensor on the state's device, so a captured round can advance
-        it), in the same model call: (ē(U), ē(u)). Batching it with the window costs one
-        step evaluation, not a second call (docs/design.md §3d)."""
-        W, B = U.shape[:2]
-        x = self.chain.from_basis(torch.cat([U.reshape(W * B, *U.shape[2:]), u]))
+    def inputs_and_model_term_with_shadow(self, X: torch.Tensor, lo: int, hi: int,
+                                          u: torch.Tensor, p: torch.Tensor):
+        """``inputs`` and ``model_term`` with the serial shadow's state u [B, ...],
+        entering step p (a one-element int64 tensor on the state's device, so a captured
+        round can advance it), as one more row of the same model call: (U, ē(U), ē(u)).
+        The row is built into the inputs' own buffer (no second copy of the window) and
+        costs one step evaluation, not a second call (docs/design.md §3d)."""
+        W = hi - lo
+        rows = [self.carry(X, lo).unsqueeze(0)] + ([X[lo:hi - 1]] if W > 1 else []) + [u.unsqueeze(0)]
+        U_all = torch.cat(rows)                                   # [W + 1, B, ...]
+        B = U_all.shape[1]
+        x = self.chain.from_basis(U_all.reshape((W + 1) * B, *U_all.shape[2:]))
         t = torch.cat([self.timesteps[lo:lo + W].repeat_interleave(B),
                        self.timesteps.index_select(0, p).expand(B)])
         e = self.chain.to_basis(call_model(self.model, x, t, lo, B, False, self.allow_tf32))
-        return e[:W * B].view_as(U), e[W * B:]
+        E_all = e.view_as(U_all)
+        return U_all[:W], E_all[:W], E_all[W]
 
     def shadow_step(self, u: torch.Tensor, e: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """The serial sampler's step p from u with ē = e (both [B, ...]; p a one-element
