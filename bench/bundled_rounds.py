@@ -83,6 +83,7 @@ def main():
                     # "restart at p" when it found one over tol, docs/design.md §3d)
                     st = res.stats
                     shadow = (f"restart at {st.serial_mismatch}" if st.serial_mismatch is not None
+                              else "–" if st.shadow_deviation != st.shadow_deviation   # none compared
                               else f"{st.shadow_deviation:.1e}")
                     print(f"| {name} | {steps} | {solver} | {lin} | {res.iterations} |{hind} {res.nfe} | "
                           f"{err:.1e} | {res.converged} | {shadow} | {t_serial:.1f} | {res.seconds:.1f} |",

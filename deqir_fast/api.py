@@ -233,14 +233,16 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             and rebalancing. An error on any rank raises ``ShardError`` on every rank.
         serial_shadow: run the serial sampler alongside, one step per round inside the
             round's model call (one more step evaluation per round, counted in ``nfe``),
-            and compare each frozen state with it (docs/design.md §3d). A frozen state
-            more than ``tol`` noise units off means the chain amplifies what the freeze
-            rule accepts past what ``converged`` may promise (DDNM with η = 0 on a sharp
-            mixture prior: 0.1 off serial without it): the solve restarts after the
-            shadow's step and freezes exact states only (``res.stats.serial_mismatch``
-            names the step), within S rounds in all. The states it passed are returned
-            as the serial ones. Off (or ``tol * freeze_ratio == 0``, where every frozen
-            state is exact already): no shadow.
+            and compare its state with the solve's wherever it reaches a step that is
+            already frozen (docs/design.md §3d). A frozen state more than ``tol`` noise
+            units off means the chain amplifies what the freeze rule accepts past what
+            ``converged`` may promise (DDNM with η = 0 on a sharp mixture prior: up to
+            0.13 off serial without it): the solve restarts after the shadow's step and
+            freezes exact states only (``res.stats.serial_mismatch`` names the step),
+            within S rounds in all. Steps beyond the rounds run are not checked. The
+            states it compared are returned as its serial ones. Off (or
+            ``tol * freeze_ratio == 0``, where every frozen state is exact already): no
+            shadow.
     """
     check_solver(solver)
     check_linearize(linearize)

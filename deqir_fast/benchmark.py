@@ -400,8 +400,8 @@ def _solve_kwargs(cfg: BenchConfig, name: str, speed_only: bool) -> dict:
         kw["window"] = cfg.window
     if name == OURS and cfg.tol is not None:
         kw["tol"] = cfg.tol
-    if speed_only:
-        kw.update(tol=0.0, max_iter=cfg.speed_rounds)
+    if speed_only:          # fixed rounds at tol 0: no shadow runs (nothing to check)
+        kw.update(tol=0.0, max_iter=cfg.speed_rounds, serial_shadow=False)
     return kw
 
 

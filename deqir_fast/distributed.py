@@ -527,10 +527,7 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                 del FX
                 sst.compute_seconds += time.perf_counter() - t0
                 _mark(sst, marks)
-                lo, hi = p + 1, min(p + 1 + w, S)
-                if lo == S:
-                    stats.converged = True
-                    break
+                lo, hi = p + 1, min(p + 1 + w, S)     # p < lo <= S - 1: steps remain
                 parts = split(lo, hi)
                 continue
         G = None

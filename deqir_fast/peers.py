@@ -6,7 +6,7 @@ in a sliding window, our start for the steps entering it (docs/design.md §3c; t
 published ParaDiGMS starts them from a copy and every state from x_T): the comparison
 then isolates the update rule, the Jacobian guess and the freeze rule, and errs in the
 peers' favour. The serial shadow (docs/design.md §3d) is ours: peers run without it, as
-published (it costs them nothing then, and never changes their stop).
+published.
 
 - ParaDiGMS (Shih et al., NeurIPS 2023; diffusers' Paradigms pipeline): Picard on the
   sums of drifts, which is the linearised scan with J = (1 - P)/Q; a sliding window;

@@ -257,14 +257,11 @@ class SerialShadow:
         """(U, ē(U), ē of the shadow's state) for the window [lo, hi): one model call."""
         return self.system.inputs_and_model_term_with_shadow(X, lo, hi, self.u, self.p)
 
-    def step(self, e: torch.Tensor) -> torch.Tensor:
-        """Take the shadow's step p with its model output e and move p on; returns the
-        step taken (a one-element device index)."""
-        p = self.p.clone()
+    def step(self, e: torch.Tensor) -> None:
+        """Take the shadow's step p with its model output e and move p on."""
         # in place, so that a captured round (cuda_graph) reads and writes the same buffers
-        self.u.copy_(self.system.shadow_step(self.u, e, p))
+        self.u.copy_(self.system.shadow_step(self.u, e, self.p))
         self.p += 1
-        return p
 
     def deviation(self, X: torch.Tensor, p: int, serial: torch.Tensor) -> torch.Tensor:
         """max|X[p] - serial| in noise units of step p, measured as the residuals are
@@ -353,9 +350,10 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             G = FX - X[lo:hi]
             r = step_residuals(G).to(torch.float64) * scale_dev[lo:hi]
         p = stats.iterations                                      # the shadow's step
-        frozen = p < lo              # the shadow compares only a frozen state
+        # only a frozen state is final: an unfrozen one is still allowed to be off serial
+        compare = p < lo
         if shadow is not None:
-            r = torch.cat([r, shadow.advance(e_shadow, X, p, compare=frozen)])
+            r = torch.cat([r, shadow.advance(e_shadow, X, p, compare=compare)])
             del e_shadow
         r = r.to("cpu")                                           # the round's sync
         deviation = None
@@ -368,9 +366,9 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
         del U, E
         if deviation is not None and not math.isfinite(deviation):
             raise_nonfinite(p)            # the serial sampler's own step p fails
-        if deviation is not None and frozen:
+        if deviation is not None and compare:
             note_deviation(stats, deviation)
-        if deviation is not None and frozen and not deviation <= tol:
+        if deviation is not None and compare and not deviation <= tol:
             # Frozen state p is off the serial one by more than tol: the chain amplifies
             # what the freeze rule accepts (docs/design.md §3d). Restart from the shadow's
             # exact state and freeze only states equal to the serial ones (tol = 0): the
@@ -385,12 +383,9 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             shadow, tol, prev_r = None, 0.0, None
             lin.forget_rounds()
             update = SOLVERS[solver](**options)
-            lo, hi = p + 1, min(p + 1 + w, S)
+            lo, hi = p + 1, min(p + 1 + w, S)     # p < lo <= S - 1: steps remain
             update.drop(lo)
             del FX, G
-            if lo == S:
-                stats.converged = True
-                break
             continue
         if shadow is not None:
             stats.nfe += 1                # the shadow's step evaluation
@@ -541,8 +536,10 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
         # -- the read-back: one host sync per check_every rounds --------------------------
         p0 = stats.iterations                       # the shadow's step in the batch's round 0
         if shadow is not None:
-            # each round's shadow state against X's state at its step (compared below
-            # only where that state was frozen before the round: frozen states stay put)
+            # each round's shadow state against X's state at its step, compared below only
+            # where that step was frozen before the round: a frozen step is recomputed
+            # every round of the batch from frozen inputs, and the value read back here is
+            # the one the solve keeps
             devs = torch.cat([shadow.deviation(X, p0 + q, shadow_hist[q]) for q in range(n_rounds)])
             finite = torch.isfinite(shadow_hist).flatten(1).all(1).to(torch.float64)
             both = torch.cat([r_hist.flatten(), devs, finite]).to("cpu")

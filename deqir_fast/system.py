@@ -226,9 +226,10 @@ class ChainSystem:
 
     def shadow_step(self, u: torch.Tensor, e: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """The serial sampler's step p from u with ē = e (both [B, ...]; p a one-element
-        int64 tensor on the device): the arithmetic of ``serial``, so the shadow is the
-        serial sampler's state bit for bit when the model's output does not depend on the
-        batch it runs in."""
+        int64 tensor on the device): what ``serial`` runs, so the shadow is the serial
+        sampler's state bit for bit when the model's output does not depend on the batch
+        it runs in. The fused round's arithmetic for one step (its first step, whose
+        input is exact, is this arithmetic: parallel == serial)."""
         c = self.coeffs
         if self.spec is None:
             R = None if c.R is None else c.R.index_select(0, p)[0]
@@ -361,10 +362,9 @@ class ChainSystem:
         states = torch.empty((self.num_steps, *u.shape), dtype=u.dtype, device=u.device)
         for i in range(self.num_steps):
             e = self.eps_bar(u.unsqueeze(0), i)[0]
-            if self.spec is None:
-                u = affine_step(c.P[i], c.Q[i], e, None if c.R is None else c.R[i], u)
-            else:       # the fused round's arithmetic, one step: parallel == serial
-                u = self._fused(e[None], u[None], u, i, i + 1, None, self._ones[i:i + 1])[0][0]
+            # the fused round's arithmetic, one step (parallel == serial), and the serial
+            # shadow's own code path (docs/design.md §3d)
+            u = self.shadow_step(u, e, torch.tensor([i], device=u.device))
             states[i] = u
             if callback is not None:
                 callback({"step": i, "t": int(self.chain.timesteps[i]), "num_steps": self.num_steps})

@@ -195,10 +195,10 @@ MUTANTS = [
            "deqir_fast/system.py", "U = X[hi - 1:hi].expand", "U = X[hi - 2:hi - 1].expand"),
     # -- the serial shadow (docs/design.md §3d) -------------------------------------------
     Mutant("shadow-no-restart", "a frozen state off the serial one is ignored (no restart)",
-           "deqir_fast/solvers.py", "if deviation is not None and frozen and not deviation <= tol:",
+           "deqir_fast/solvers.py", "if deviation is not None and compare and not deviation <= tol:",
            "if False:"),
     Mutant("shadow-unfrozen", "the shadow compared with a state that is not frozen yet",
-           "deqir_fast/solvers.py", "frozen = p < lo ", "frozen = p <= lo "),
+           "deqir_fast/solvers.py", "compare = p < lo\n", "compare = p <= lo\n"),
     Mutant("shadow-no-restart-device", "check_every: a frozen state off the serial one is ignored",
            "deqir_fast/solvers.py", "            if over:\n", "            if False:\n"),
     Mutant("shadow-no-restart-sharded", "sharded: a frozen state off the serial one is ignored",
