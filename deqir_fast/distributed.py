@@ -70,9 +70,9 @@ from ._checks import raise_nonfinite
 from .ops import step_residuals
 from .ops.anderson import AndersonRing, anderson_weights
 from .solvers import (FREEZE_RATIO, SOLVERS, Anderson, Picard, SerialShadow, SolverStats,
-                      TriangularAnderson, check_solver, enter_steps, guard_tripped,
-                      note_deviation, record_round, shadow_applies, steps_to_freeze,
-                      switch_off_jacobian)
+                      TriangularAnderson, begin_exact_restart, check_solver, enter_steps,
+                      guard_tripped, note_deviation, record_round, shadow_applies,
+                      steps_to_freeze, switch_off_jacobian)
 
 DEFAULT_TIMEOUT = 300.0          # seconds a collective may wait for the slowest peer
 
@@ -507,7 +507,7 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                 # ranks that hold them, and the solve restarts after the shadow's step,
                 # freezing exact states only
                 row = record_round(stats, r, lo, hi, S)
-                stats.serial_mismatch = p
+                begin_exact_restart(stats, lin, p)
                 serial = carries[0, 2 * n_state:].view_as(item)
                 holder = final_owner.clone()
                 for k, (pa, pb) in enumerate(parts):

@@ -279,6 +279,16 @@ class SerialShadow:
         return torch.where(torch.isfinite(self.u).all(), d, torch.full_like(d, float("nan")))
 
 
+def begin_exact_restart(stats: "SolverStats", lin, step: int) -> None:
+    """What every loop does first when the serial shadow finds frozen state ``step`` off
+    the serial one: record it and drop the secant's round history (its last two rounds
+    straddle the restart; the slopes stay). The loop then puts the shadow's state(s) in,
+    restarts the window after the last of them with a fresh update rule and tol = 0, i.e.
+    freezes exact states only (docs/design.md §3d)."""
+    stats.serial_mismatch = step
+    lin.forget_rounds()
+
+
 def note_deviation(stats: "SolverStats", deviation: float) -> None:
     """Keep the largest deviation the shadow measured (``stats.shadow_deviation``)."""
     if math.isnan(stats.shadow_deviation) or deviation > stats.shadow_deviation:
@@ -375,13 +385,12 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
             # front still moves at least one step per round, so S rounds still suffice.
             row = record_round(stats, r, lo, hi, S)
             stats.nfe += 1
-            stats.serial_mismatch = p
+            begin_exact_restart(stats, lin, p)
             X[p] = shadow.u
             if callback is not None:
                 callback({"iteration": stats.iterations, "window": (lo, hi), "residuals": row,
                           "nfe": stats.nfe, "state": X})
             shadow, tol, prev_r = None, 0.0, None
-            lin.forget_rounds()
             update = SOLVERS[solver](**options)
             lo, hi = p + 1, min(p + 1 + w, S)     # p < lo <= S - 1: steps remain
             update.drop(lo)
@@ -591,10 +600,9 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
                 # must stay at or past the round count for S rounds to suffice), freezing
                 # exact states only
                 q = over[0]
-                stats.serial_mismatch = p0 + q
+                begin_exact_restart(stats, lin, p0 + q)
                 X[p0 + q:p0 + n_rounds] = shadow_hist[q:]
                 shadow, tol, prev_row = None, 0.0, None
-                lin.forget_rounds()
                 update = SOLVERS[solver](**options)
                 lo, hi = p0 + n_rounds, min(p0 + n_rounds + w, S)
                 update.drop(lo)
