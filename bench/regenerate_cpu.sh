@@ -46,8 +46,12 @@ step probes_trace      python probes.py stop --trace DDNM-sr2
 step readme_sweep      python readme_sweep.py --seeds 300                                    # §8, the promise
 step readme_eta0       python readme_sweep.py --kinds DDNM,DDIM --eta0 --seeds 100            # §8 session 5, the shadow
 step readme_eta0_w20   python readme_sweep.py --kinds DDNM,DDIM --eta0 --seeds 50 --window 20
-for t in 1e-2 1e-3 1e-4 1e-5; do
+for t in 1e-2 1e-3 1e-4 1e-5 1e-6; do
   step readme_noshadow_$t python readme_sweep.py --kinds DDNM --eta0 --seeds 20 --no-shadow --tol $t
+done
+for n in 20 50 200; do
+  step readme_eta0_s$n python readme_sweep.py --kinds DDNM --eta0 --seeds 10 --steps $n
+  step readme_eta0_s${n}_noshadow python readme_sweep.py --kinds DDNM --eta0 --seeds 10 --steps $n --no-shadow
 done
 step peers             python peers.py                                                       # §9
 step gradients_cost    python gradients.py cost --steps 100,1000                             # §10
