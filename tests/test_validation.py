@@ -61,6 +61,10 @@ def cases(schedule, model, ts, x_T, op, y):
         ("step 2", lambda: dq.solve(
             lambda x, t: torch.where((t == int(ts[2])).view(-1, 1, 1, 1), x * float("nan"), x),
             ddim, x_T, solver="picard")),
+        # reading back every 3 rounds (the serial shadow's states are checked at the read)
+        ("step 2", lambda: dq.solve(
+            lambda x, t: torch.where((t == int(ts[2])).view(-1, 1, 1, 1), x * float("nan"), x),
+            ddim, x_T, check_every=3)),
         ("model", lambda: dq.solve(lambda x, t: "eps", ddim, x_T)),
         ("model", lambda: dq.solve("not a model", ddim, x_T)),
         ("chain", lambda: dq.solve(model, "ddim", x_T)),
