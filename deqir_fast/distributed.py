@@ -58,7 +58,6 @@ a timeout: destroy it).
 from __future__ import annotations
 
 import datetime
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -500,8 +499,6 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
             if p < lo:
                 note_deviation(stats, deviation)
             if not deviation <= tol:
-                if not math.isfinite(deviation):
-                    raise_nonfinite(p)
                 # a frozen state off the serial one (solvers.fixed_point_solve): every
                 # rank takes the shadow's state, the states are replicated from the
                 # ranks that hold them, and the solve restarts after the shadow's step,

@@ -544,22 +544,22 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             one_round()
         # -- the read-back: one host sync per check_every rounds --------------------------
         p0 = stats.iterations                       # the shadow's step in the batch's round 0
+        read = [r_hist.flatten(), f_hist.to(torch.float64)]   # counts < 2^53: exact
         if shadow is not None:
             # each round's shadow state against X's state at its step, compared below only
             # where that step was frozen before the round: a frozen step is recomputed
             # every round of the batch from frozen inputs, and the value read back here is
             # the one the solve keeps
-            devs = torch.cat([shadow.deviation(X, p0 + q, shadow_hist[q]) for q in range(n_rounds)])
-            finite = torch.isfinite(shadow_hist).flatten(1).all(1).to(torch.float64)
-            both = torch.cat([r_hist.flatten(), devs, finite]).to("cpu")
-            n = r_hist.numel()
-            r_host, dev_host = both[:n].view_as(r_hist), both[n:n + n_rounds]
-            bad_shadow = (both[n + n_rounds:] == 0).nonzero()
+            read.append(torch.cat([shadow.deviation(X, p0 + q, shadow_hist[q])
+                                   for q in range(n_rounds)]))
+            read.append(torch.isfinite(shadow_hist).flatten(1).all(1).to(torch.float64))
+        host = torch.cat(read).to("cpu").split([t.numel() for t in read])
+        r_host, f_host = host[0].view_as(r_hist), host[1].to(torch.int64)
+        if shadow is not None:
+            dev_host = host[2]
+            bad_shadow = (host[3] == 0).nonzero()
             if bad_shadow.numel():          # the serial sampler's own step fails there
                 raise_nonfinite(p0 + int(bad_shadow[0, 0]))
-        else:
-            r_host = r_hist.to("cpu")
-        f_host = f_hist.to("cpu")
         for q in range(n_rounds):
             stats.iterations += 1
             stats.nfe += W

@@ -92,6 +92,9 @@ class ChainSystem:
         self.coeffs = coeffs
         self.batch = coeffs.u0.shape[0]
         self.timesteps = chain.timesteps.to(coeffs.u0.device)
+        # step indices on the device: the serial shadow's step is a device index, so a
+        # captured round can advance it (docs/design.md §3d)
+        self._step_ids = torch.arange(chain.num_steps, device=coeffs.u0.device)
         # DDIM, DDRM and DDNM: the fused round computes P, Q and R per element in-kernel
         # from a [S, NS] float64 table of per-step scalars and the singular values (one
         # item's worth, in the state dtype); coeffs.P/Q/R are never materialised.
@@ -198,12 +201,14 @@ class ChainSystem:
         """The state entering step ``lo``."""
         return self.coeffs.u0 if lo == 0 else X[lo - 1]
 
-    def eps_bar(self, U: torch.Tensor, lo: int, check_finite: bool = True) -> torch.Tensor:
-        """ē for the states U = [W, B, ...] entering steps lo .. lo+W-1 (one model call)."""
+    def eps_bar(self, U: torch.Tensor, lo: int, check_finite: bool = True,
+                steps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ē for the states U = [W, B, ...] entering steps lo .. lo+W-1 (one model call),
+        or the steps ``steps`` names ([W] int64 on the device) when given."""
         W, B = U.shape[:2]
         x = self.chain.from_basis(U.reshape(W * B, *U.shape[2:]))
-        t = self.timesteps[lo:lo + W].repeat_interleave(B)
-        e = call_model(self.model, x, t, lo, B, check_finite, self.allow_tf32)
+        t = self.timesteps[lo:lo + W] if steps is None else self.timesteps.index_select(0, steps)
+        e = call_model(self.model, x, t.repeat_interleave(B), lo, B, check_finite, self.allow_tf32)
         return self.chain.to_basis(e).view_as(U)
 
     def inputs_and_model_term_with_shadow(self, X: torch.Tensor, lo: int, hi: int,
@@ -214,14 +219,9 @@ class ChainSystem:
         The row is built into the inputs' own buffer (no second copy of the window) and
         costs one step evaluation, not a second call (docs/design.md §3d)."""
         W = hi - lo
-        rows = [self.carry(X, lo).unsqueeze(0)] + ([X[lo:hi - 1]] if W > 1 else []) + [u.unsqueeze(0)]
-        U_all = torch.cat(rows)                                   # [W + 1, B, ...]
-        B = U_all.shape[1]
-        x = self.chain.from_basis(U_all.reshape((W + 1) * B, *U_all.shape[2:]))
-        t = torch.cat([self.timesteps[lo:lo + W].repeat_interleave(B),
-                       self.timesteps.index_select(0, p).expand(B)])
-        e = self.chain.to_basis(call_model(self.model, x, t, lo, B, False, self.allow_tf32))
-        E_all = e.view_as(U_all)
+        U_all = self.inputs(X, lo, hi, extra=u)                   # [W + 1, B, ...]
+        steps = torch.cat([self._step_ids[lo:hi], p])
+        E_all = self.eps_bar(U_all, lo, check_finite=False, steps=steps)
         return U_all[:W], E_all[:W], E_all[W]
 
     def shadow_step(self, u: torch.Tensor, e: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -238,10 +238,14 @@ class ChainSystem:
         return fused_round(self.spec.sampler, self._table.index_select(0, p), e[None], u[None], u,
                            self._ones[:1], self._s, self._ybar(), noise, None)[0][0]
 
-    def inputs(self, X: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """U [hi-lo, B, ...]: the state entering each of steps lo..hi-1."""
-        carry = self.carry(X, lo).unsqueeze(0)
-        return torch.cat([carry, X[lo:hi - 1]]) if hi - lo > 1 else carry
+    def inputs(self, X: torch.Tensor, lo: int, hi: int,
+               extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """U [hi-lo, B, ...]: the state entering each of steps lo..hi-1 (and ``extra``
+        [B, ...] as one more row at the end, in the same buffer)."""
+        rows = [self.carry(X, lo).unsqueeze(0)] + ([X[lo:hi - 1]] if hi - lo > 1 else [])
+        if extra is not None:
+            rows.append(extra.unsqueeze(0))
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def model_term(self, U: torch.Tensor, lo: int) -> torch.Tensor:
         """ē(U): the one batched model call of a round (finiteness is checked by the
@@ -364,7 +368,7 @@ class ChainSystem:
             e = self.eps_bar(u.unsqueeze(0), i)[0]
             # the fused round's arithmetic, one step (parallel == serial), and the serial
             # shadow's own code path (docs/design.md §3d)
-            u = self.shadow_step(u, e, torch.tensor([i], device=u.device))
+            u = self.shadow_step(u, e, self._step_ids[i:i + 1])
             states[i] = u
             if callback is not None:
                 callback({"step": i, "t": int(self.chain.timesteps[i]), "num_steps": self.num_steps})
