@@ -8,6 +8,7 @@ below 2/255 for every later round) and max|x0 - serial| at the stop.
     OMP_NUM_THREADS=1 python bench/probes.py secant
     OMP_NUM_THREADS=1 python bench/probes.py stop
     OMP_NUM_THREADS=1 python bench/probes.py stop --trace DDNM-sr2
+    OMP_NUM_THREADS=1 python bench/probes.py newton
 
 init: the initial guess, passed to solve as an ``init=`` states tensor (pixel space):
 "jump" (the api's default, as the string), "jump (tensor)" (the same states through
@@ -19,10 +20,17 @@ the Gaussian start with weight rho × the class's share of the step's Σ ΔU². 
 round at which the default rule would stop if the range-space classes' residual were
 allowed c × tol while the null space must still meet tol (emulated on the default
 solve's trajectory), on the DDNM chains; --trace prints one chain's per-class residuals
-per round. Chains from bench/calibrate.py, S = 100; the package as installed (RESULTS.md
+per round. newton: how far the linearised scan is from the best a Jacobian can do. The
+round's scan run sequentially with the model's exact Jacobian-vector product (Newton's
+method on the whole chain, S sequential JVPs per round, so not a parallel method) or
+with that JVP reduced to what a diagonal J can hold: one Rayleigh quotient ⟨δ, Jδ⟩/⟨δ, δ⟩
+per class along the step's actual move δ (pixel classes, or DCT frequency bands), or the
+exact J along the step's previous move plus a scalar elsewhere; rounds run to
+--rounds, no stopping rule, so only hindsight and the last error are printed. Chains from bench/calibrate.py, S = 100; the package as installed (RESULTS.md
 §8 ran it on commit b0e108c).
 
-These are probes, not the shipped solver: ``secant`` monkeypatches
+These are probes, not the shipped solver: ``newton`` runs its own sequential scan;
+``secant`` monkeypatches
 ``deqir_fast.linearize.Linearization._refit`` and ``bands`` subclasses ``dq.DDIM``;
 the package is unchanged.
 """
@@ -307,11 +315,112 @@ def cmd_stop(args):
                     row(label, args.steps, variant, k + 1, h, errs[k])
 
 
+# -- newton ----------------------------------------------------------------------------
+def jvp_of(system, chain, model):
+    """(u, i, v) -> ∂ē/∂u at state u of step i along v (autograd's double-backward JVP:
+    the UNet's group norm and fused attention have no forward-mode rule; attention runs
+    its plain-math kernel, whose backward is twice differentiable)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def ebar(u, i):
+        t = system.timesteps[i:i + 1].repeat(u.shape[0])
+        return chain.to_basis(model(chain.from_basis(u), t))
+
+    def jvp(u, i, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.autograd.functional.jvp(lambda w: ebar(w, i), (u.contiguous(),),
+                                                 (v.contiguous(),))[1]
+    return jvp
+
+
+def class_rayleigh(chain, i, d, jd):
+    """Jd reduced to one scalar per Jacobian class: Σ d·Jd / Σ d² on each class, times d."""
+    ids = chain.jacobian_classes(i, i + 1, d)
+    if ids is None:
+        return (d * jd).sum() / (d * d).sum() * d        # d moved: the caller checked
+    ids = ids[0].expand_as(d)
+    out = torch.zeros_like(d)
+    for k in ids.unique():
+        m = ids == k
+        dd = (d * d)[m].sum()
+        if dd > 0:                                     # a class that did not move keeps 0
+            out[m] = (d * jd)[m].sum() / dd * d[m]
+    return out
+
+
+def newton_rounds(model, chain, x_T, serial, variant, rounds):
+    """max|x0 - serial| after each round of the scan u_{i+1} = P u + Q (E_i + J·(u - U_i))
+    + R run step by step, with J·δ given by ``variant`` (see the module docstring)."""
+    with torch.no_grad():
+        system, _ = _prepare(model, chain, x_T, None, gen())
+        X, _ = dq.api.initial_states(system)
+    c, S = system.coeffs, chain.num_steps
+    jvp = jvp_of(system, chain, model)
+    U_prev, errs = None, []
+    for _ in range(rounds):
+        with torch.no_grad():
+            U = system.inputs(X, 0, S)
+            E = system.eps_bar(U, 0, check_finite=False)
+        if not bool(torch.isfinite(E).all()):          # the scan diverged: no more rounds
+            errs += [math.inf] * (rounds - len(errs))
+            break
+        u, X = c.u0, torch.empty_like(X)
+        for i in range(S):
+            d = u - U[i]
+            if not bool(d.any()):
+                jd = torch.zeros_like(d)
+            elif variant.startswith("previous move"):
+                v = d if U_prev is None or not bool((U[i] - U_prev[i]).any()) else U[i] - U_prev[i]
+                jv = jvp(U[i], i, v)
+                s = (v * jv).sum() / (v * v).sum()
+                g = jv - s * v                 # J = s I + g vᵀ/|v|² (+ its transpose): Jv exact
+                jd = s * d + g * (v * d).sum() / (v * v).sum()
+                if variant.endswith("symmetric"):
+                    jd = jd + v * (g * d).sum() / (v * v).sum()
+            else:
+                jd = jvp(U[i], i, d)
+                if variant != "exact (Newton)":
+                    jd = class_rayleigh(chain, i, d, jd)
+            with torch.no_grad():
+                u = c.P[i] * u + c.Q[i] * (E[i] + jd) + (0 if c.R is None else c.R[i])
+            X[i] = u.detach()
+        U_prev = U
+        errs.append((chain.from_basis(X[-1]) - serial).abs().max().item())
+    return errs
+
+
+NEWTON_VARIANTS = ("exact (Newton)", "per-class Rayleigh along δ",
+                   "previous move exact, scalar elsewhere", "previous move exact, symmetric")
+
+
+def cmd_newton(args):
+    model, schedule, truth, x_T = problem()
+    ts = dq.timesteps(schedule, args.steps)
+    todo = [(n, c) for n, c in chains(schedule, args.steps, truth) if n in args.chains.split(",")]
+    todo += [(f"DDIM, DCT {k} bands", DCTDDIM(schedule, ts, bands=k)) for k in (8, 32)
+             if "DDIM-DCT" in args.chains.split(",")]
+    cols = sorted({min(6, args.rounds), min(9, args.rounds), args.rounds})
+    print("| chain | S | J in the scan | hindsight | max abs x0 - serial after round "
+          + " / ".join(map(str, cols)) + " |\n|---|---|---|---|---|")
+    for name, chain in todo:
+        serial = dq.sample_serial(model, chain, x_T, generator=gen())
+        r, h, err, errs = run(model, chain, x_T, serial)
+        row_ = lambda v, e: print(f"| {name} | {args.steps} | {v} | {hindsight(e) or '-'} | "  # noqa: E731
+                                  + " / ".join(f"{e[k - 1]:.1e}" if k <= len(e) else "-"
+                                               for k in cols) + " |", flush=True)
+        row_(f"secant (the default solve: {r} rounds)", errs)
+        variants = NEWTON_VARIANTS if name == "DDIM" else \
+            NEWTON_VARIANTS[1:2] if "DCT" in name else NEWTON_VARIANTS[:2]
+        for v in variants:
+            row_(v, newton_rounds(model, chain, x_T, serial, v, args.rounds))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="probe", required=True)
     for name, chains_default in (("init", "DDIM,DDPM,DDRM-inp,DDNM-sr2"), ("bands", ""),
-                                 ("secant", "DDIM,DDRM-inp,DDNM-sr2,DDNM-inp"), ("stop", "")):
+                                 ("secant", "DDIM,DDRM-inp,DDNM-sr2,DDNM-inp"), ("stop", ""),
+                                 ("newton", "DDIM,DDIM-DCT,DDIM-eta0.5,DDPM,DDRM-inp,DDNM-sr2,DDNM-inp,DDNM+-sr2")):
         s = sub.add_parser(name)
         s.add_argument("--steps", type=int, default=100)
         if chains_default:
@@ -320,9 +429,12 @@ def main():
             s.add_argument("--trace", default="", help="one chain: its per-class residuals per round")
             s.add_argument("--model", default="bundled", choices=["bundled", "photo16"])
             s.add_argument("--image", type=int, default=0)
+        if name == "newton":
+            s.add_argument("--rounds", type=int, default=12)
     args = p.parse_args()
     torch.set_num_threads(1)
-    {"init": cmd_init, "bands": cmd_bands, "secant": cmd_secant, "stop": cmd_stop}[args.probe](args)
+    {"init": cmd_init, "bands": cmd_bands, "secant": cmd_secant, "stop": cmd_stop,
+     "newton": cmd_newton}[args.probe](args)
 
 
 if __name__ == "__main__":
