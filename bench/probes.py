@@ -20,14 +20,16 @@ the Gaussian start with weight rho × the class's share of the step's Σ ΔU². 
 round at which the default rule would stop if the range-space classes' residual were
 allowed c × tol while the null space must still meet tol (emulated on the default
 solve's trajectory), on the DDNM chains; --trace prints one chain's per-class residuals
-per round. newton: how far the linearised scan is from the best a Jacobian can do. The
-round's scan run sequentially with the model's exact Jacobian-vector product (Newton's
-method on the whole chain, S sequential JVPs per round, so not a parallel method) or
-with that JVP reduced to what a diagonal J can hold: one Rayleigh quotient ⟨δ, Jδ⟩/⟨δ, δ⟩
-per class along the step's actual move δ (pixel classes, or DCT frequency bands), or the
-exact J along the step's previous move plus a scalar elsewhere; rounds run to
---rounds, no stopping rule, so only hindsight and the last error are printed. Chains from bench/calibrate.py, S = 100; the package as installed (RESULTS.md
-§8 ran it on commit b0e108c).
+per round. newton: how far the linearised scan is from what a Jacobian can do. The
+round's scan runs step by step with the model's exact Jacobian-vector product (Newton's
+method on the whole chain: S sequential JVPs per round, so not a parallel method), or
+with that JVP cut to what a diagonal J can hold: one Rayleigh quotient ⟨δ, Jδ⟩/⟨δ, δ⟩
+per class along the step's actual move δ (the classes of the chain, or DCT frequency
+bands), or the exact J along the step's previous move plus a scalar elsewhere. These
+run --rounds rounds with no stopping rule: hindsight within them and the error after
+rounds 6, 9 and --rounds are printed, beside the default solve's. Chains from
+bench/calibrate.py, S = 100; the package as installed (RESULTS.md §8 ran the first four
+on commit b0e108c).
 
 These are probes, not the shipped solver: ``newton`` runs its own sequential scan;
 ``secant`` monkeypatches
