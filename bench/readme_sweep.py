@@ -9,8 +9,7 @@ default solve (tests/test_solvers.py runs a 13-seed subset in CI).
 
 ``--window W`` solves with a sliding window; ``--eta0`` rebuilds the DDNM and DDIM
 variants with η = 0 (deterministic chains: the ones whose entering steps start on the
-chain, docs/design.md §3c). The last column counts the solves whose serial shadow found a
-The last two columns: how many solves the serial shadow restarted after finding a frozen
+chain, docs/design.md §3c). The last two columns: how many solves the serial shadow restarted after finding a frozen
 state off the serial one (docs/design.md §3d; the steps where it found it), and the
 largest deviation it measured in the solves it did not restart (noise units; the restart
 threshold is tol). "off" where no shadow ran (``--no-shadow``, or ``--tol 0``).

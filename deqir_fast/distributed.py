@@ -460,7 +460,7 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
             torch.isfinite(shadow.u).all().to(torch.float64)
         if shadow is not None and p < lo and int(final_owner[p]) == me and comm.failed is None:
             serial = carries[0, 2 * n_state:].view_as(item)
-            r_pad[maxW:maxW + 1] = shadow.deviation(X, p, serial)
+            r_pad[maxW:maxW + 1] = shadow.deviation(X, p, serial[None])
             if p < lo - 1:      # no longer read (lo - 1 is the carry): the serial state
                 X[p] = serial   # (as in solvers.fixed_point_solve; a mismatch resets it)
         if Wk and comm.failed is None:

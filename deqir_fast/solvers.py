@@ -264,10 +264,11 @@ class SerialShadow:
         self.p += 1
 
     def deviation(self, X: torch.Tensor, p: int, serial: torch.Tensor) -> torch.Tensor:
-        """max|X[p] - serial| in noise units of step p, measured as the residuals are
-        (DDNM's derived range elements weighted, docs/design.md §3b): [1] float64, on
-        the device."""
-        return self.system.residuals((X[p] - serial)[None], p, p + 1, self.scale[p:p + 1])
+        """max|X[i] - serial[i - p]| for the n = len(serial) steps i = p .. p+n-1, in noise
+        units of each step, measured as the residuals are (DDNM's derived range elements
+        weighted, docs/design.md §3b): [n] float64, on the device."""
+        n = serial.shape[0]
+        return self.system.residuals(X[p:p + n] - serial, p, p + n, self.scale[p:p + n])
 
     def advance(self, e: torch.Tensor, X: torch.Tensor, p: int, compare: bool) -> torch.Tensor:
         """``step`` (the shadow is at step p), then, with ``compare``, the ``deviation`` of
@@ -275,7 +276,7 @@ class SerialShadow:
         sync), NaN when the shadow's state is not finite (the serial sampler's own step p
         fails)."""
         self.step(e)
-        d = self.deviation(X, p, self.u) if compare else self.u.new_zeros(1, dtype=torch.float64)
+        d = self.deviation(X, p, self.u[None]) if compare else self.u.new_zeros(1, dtype=torch.float64)
         return torch.where(torch.isfinite(self.u).all(), d, torch.full_like(d, float("nan")))
 
 
@@ -550,8 +551,7 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             # where that step was frozen before the round: a frozen step is recomputed
             # every round of the batch from frozen inputs, and the value read back here is
             # the one the solve keeps
-            read.append(torch.cat([shadow.deviation(X, p0 + q, shadow_hist[q])
-                                   for q in range(n_rounds)]))
+            read.append(shadow.deviation(X, p0, shadow_hist))
             read.append(torch.isfinite(shadow_hist).flatten(1).all(1).to(torch.float64))
         host = torch.cat(read).to("cpu").split([t.numel() for t in read])
         r_host, f_host = host[0].view_as(r_hist), host[1].to(torch.int64)
@@ -582,16 +582,16 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
         if shadow is not None:
             stats.nfe += n_rounds                       # the shadow's step evaluations
             # frozen before round q: below the window's front at the round's start
+            frozen = [p0 + q < lo + int(f_host[q]) for q in range(n_rounds)]
             for q in range(n_rounds):
-                if p0 + q < lo + int(f_host[q]):
+                if frozen[q]:
                     note_deviation(stats, float(dev_host[q]))
-            over = [q for q in range(n_rounds)
-                    if p0 + q < lo + int(f_host[q]) and not float(dev_host[q]) <= tol]
+            over = [q for q in range(n_rounds) if frozen[q] and not float(dev_host[q]) <= tol]
             # the frozen states the shadow passed, no longer read (the carry is lo + f - 1),
             # take the serial values (as in fixed_point_solve)
             last_read = lo + int(f_host[-1]) - 1 if not over else S
             for q in range(over[0] if over else n_rounds):
-                if p0 + q < min(lo + int(f_host[q]), last_read):
+                if frozen[q] and p0 + q < last_read:
                     X[p0 + q] = shadow_hist[q]
             if over:
                 # a frozen state off the serial one (see fixed_point_solve): every state the
