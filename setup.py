@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -34,9 +35,35 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _import_torch():
+    """torch, imported without its one warning that does not concern the build: pip
+    installs numpy (a dependency) only after building, so under --no-build-isolation
+    torch finds no numpy here and warns "Failed to initialize NumPy", which pip prints
+    as a BuildBackendWarning even with -q. The kernels are built with no numpy; any
+    other warning or error still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy",
+                                category=UserWarning)
+        import torch
+        import torch.utils.cpp_extension as ce
+    return torch, ce
+
+
+def _quiet_editable_notice():
+    """setuptools reports every editable install with an InformationOnly warning
+    ("Editable installation. ... folders in your working directory with the same name as
+    your package ... may take precedence"), which pip prints as a BuildBackendWarning
+    even with -q, on the README's own `pip install -q -e .`. Only that notice is
+    silenced (its category and message); every other warning still shows."""
+    try:
+        from setuptools.warnings import InformationOnly
+    except ImportError:          # an older setuptools: no such notice
+        return
+    warnings.filterwarnings("ignore", message="Editable installation", category=InformationOnly)
+
+
 def _torch_build_vars():
-    import torch
-    import torch.utils.cpp_extension as ce
+    torch, ce = _import_torch()
     defs = {
         "TORCH_INCLUDE_DIRS": ";".join(ce.include_paths()),
         "TORCH_LIBRARY_DIRS": ";".join(ce.library_paths()),
@@ -144,6 +171,7 @@ class CMakeBuild(build_ext):
         return outs
 
 
+_quiet_editable_notice()
 setup(
     name="deqir_fast",
     version="0.1.0",

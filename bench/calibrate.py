@@ -25,47 +25,23 @@ from pathlib import Path
 import torch
 
 import deqir_fast as dq
-from deqir_fast import operators as ops
 from deqir_fast.api import _prepare, initial_states
+# the catalogue (models, chains) lives in the package: `deqir-fast bench` needs it installed
+from deqir_fast.calibration import GREY, chains, load_folder
+from deqir_fast.calibration import load as load_bundled
 from deqir_fast.solvers import fixed_point_solve
 
 RECORD_TOL = 1e-4
-GREY = 2 / 255
 HERE = Path(__file__).resolve().parent
+PHOTO16 = HERE / "models" / "photo16"
 
 
 def load(model_name):
-    """(model, schedule, clean images [N, C, H, W])."""
-    from deqir_fast.models import bundled_model, heldout_images, load_unet
-    if model_name == "bundled":
-        return bundled_model(), dq.Schedule.linear(1000), heldout_images()
+    """(model, schedule, clean images [N, C, H, W]): the package's bundled model, or
+    photo16 from this folder's models/ (the source repository's; not installed)."""
     if model_name == "photo16":
-        import numpy as np
-        folder = HERE / "models" / "photo16"
-        model = load_unet(folder)
-        images = torch.from_numpy(np.load(folder / "heldout.npz")["images"]).float()
-        return model, model.schedule, images
-    raise ValueError(model_name)
-
-
-def chains(schedule, steps, truth, seed=0):
-    """The calibration chains on one clean image ``truth`` [1, C, H, W]."""
-    shape = tuple(truth.shape[1:])
-    ts = dq.timesteps(schedule, steps)
-    gen = torch.Generator().manual_seed(seed + 5)
-    inp = ops.Inpainting.random(shape, 0.7, seed)
-    sr = ops.SuperResolution(2, shape)
-    blur = ops.Deblurring.gaussian(shape, 1.5, padding="reflect")
-    noisy = lambda op, s: op.A(truth) + s * torch.randn(op.A(truth).shape, generator=gen)  # noqa: E731
-    yield "DDIM", dq.DDIM(schedule, ts)
-    yield "DDIM-eta0.5", dq.DDIM(schedule, ts, eta=0.5)
-    yield "DDPM", dq.DDIM(schedule, ts, eta=1.0)
-    yield "DDRM-inp", dq.DDRM(schedule, ts, operator=inp, y=noisy(inp, 0.05) * inp.singulars_as(truth), sigma_y=0.05)
-    yield "DDRM-sr2", dq.DDRM(schedule, ts, operator=sr, y=sr.A(truth), sigma_y=0.0)
-    yield "DDRM-deblur", dq.DDRM(schedule, ts, operator=blur, y=noisy(blur, 0.02), sigma_y=0.02)
-    yield "DDNM-sr2", dq.DDNM(schedule, ts, operator=sr, y=sr.A(truth))
-    yield "DDNM-inp", dq.DDNM(schedule, ts, operator=inp, y=inp.A(truth), eta=0.85)
-    yield "DDNM+-sr2", dq.DDNM(schedule, ts, operator=sr, y=noisy(sr, 0.05), sigma_y=0.05)
+        return load_folder(PHOTO16)
+    return load_bundled(model_name)
 
 
 def record(model, chain, x_T, max_iter=None, **solve_kw):

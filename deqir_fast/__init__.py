@@ -1,27 +1,39 @@
 """deqir_fast: diffusion restoration (DDIM, DDRM, DDNM) solved as one parallel
 fixed-point system (DeqIR, Cao et al. CVPR 2024), with serial reference samplers."""
-from . import models, operators, tasks, testing
-from .optimize import InitOptimization, optimize_init
-from .api import SolveResult, backward, sample_serial, solve
-from .chains import DDIM, DDNM, DDRM, Chain
-from .schedules import Schedule, timesteps
-from . import diffusers_compat
-from .diffusers_compat import DDPM
-from .k_diffusion import sample_deq
+import importlib
+import importlib.util
 
-_PIPELINES = ("ParallelDDIMPipeline", "ParallelDDPMPipeline", "ParallelRestorationPipeline")
+__version__ = "0.1.0"
+
+# The public names, loaded on first use (PEP 562): importing the package costs nothing,
+# so `deqir-fast --version` and `--help` do not wait seconds for torch, and the drop-in
+# pipelines import diffusers (an optional extra) only when asked for.
+_ATTRIBUTES = {
+    "SolveResult": ".api", "backward": ".api", "sample_serial": ".api", "solve": ".api",
+    "InitOptimization": ".optimize", "optimize_init": ".optimize",
+    "Chain": ".chains", "DDIM": ".chains", "DDNM": ".chains", "DDRM": ".chains",
+    "Schedule": ".schedules", "timesteps": ".schedules",
+    "DDPM": ".diffusers_compat", "sample_deq": ".k_diffusion",
+    "ParallelDDIMPipeline": ".pipelines", "ParallelDDPMPipeline": ".pipelines",
+    "ParallelRestorationPipeline": ".pipelines",
+}
 
 
 def __getattr__(name):
-    # The drop-in pipelines import diffusers (an optional extra): load them on first use.
-    if name in _PIPELINES or name == "pipelines":
-        import importlib
-        pipelines = importlib.import_module(".pipelines", __name__)
-        return pipelines if name == "pipelines" else getattr(pipelines, name)
+    module = _ATTRIBUTES.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value                  # later look-ups skip this function
+        return value
+    # Submodules (dq.operators, dq.api, ...) load on first use, as an import would.
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
+def __dir__():
+    return sorted(set(globals()) | set(_ATTRIBUTES) | set(__all__))
+
 
 __all__ = ["Chain", "DDIM", "DDNM", "DDRM", "InitOptimization", "Schedule", "SolveResult",
            "models", "operators", "optimize_init", "tasks",

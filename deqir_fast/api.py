@@ -37,17 +37,28 @@ DEFAULT_GRAD_TOL = 1e-3
 
 
 class _Handle:
-    """What a backward pass needs from a forward solve (kept by ``SolveResult``)."""
+    """What a backward pass needs from a forward solve (kept by ``SolveResult``).
+    ``shard``: a sharded solve's ``distributed.GroupRef`` (its backward shards the adjoint
+    over the same group, which the handle holds only weakly), else None."""
 
-    def __init__(self, system, X, x0, x_T, noise, params, solve_kw):
+    def __init__(self, system, X, x0, x_T, noise, params, solve_kw, shard=None):
         self.system, self.X, self.x0, self.x_T, self.noise = system, X, x0, x_T, noise
         self.params = params
         self.solve_kw = solve_kw
+        self.shard = shard
+
+    def adjoint(self):
+        """The adjoint solver of this solve: ``gradients.adjoint_gradients``, or its
+        sharded version bound to the solve's process group."""
+        if self.shard is None:
+            from .gradients import adjoint_gradients
+            return adjoint_gradients
+        from .distributed import sharded_adjoint_gradients
+        return functools.partial(sharded_adjoint_gradients, process_group=self.shard.config())
 
     def gradients(self, grad_x0, params=None):
-        from .gradients import adjoint_gradients
-        return adjoint_gradients(self.system, self.X, grad_x0, x_T=self.x_T, noise=self.noise,
-                                 params=self.params if params is None else params, **self.solve_kw)
+        return self.adjoint()(self.system, self.X, grad_x0, x_T=self.x_T, noise=self.noise,
+                              params=self.params if params is None else params, **self.solve_kw)
 
 
 @dataclass
@@ -295,10 +306,12 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
                         forward_jacobian=lin.jacobian if lin.active else None)
         states = chain.from_basis(X.flatten(0, 1)).view_as(X)
     params = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
-    handle = _Handle(system, X, states[-1], x_T, noise, params, dict(solve_kw, tol=grad_tol))
+    shard = None
     if process_group is not None:         # its backward shards the adjoint the same way
-        from .distributed import shard_handle
-        handle = shard_handle(handle, process_group)
+        from .distributed import GroupRef, resolve
+        shard = GroupRef(resolve(process_group))
+    handle = _Handle(system, X, states[-1], x_T, noise, params, dict(solve_kw, tol=grad_tol),
+                     shard=shard)
     x0 = states[-1]
     y = getattr(chain, "y", None)
     if torch.is_grad_enabled() and (x_T.requires_grad or (y is not None and y.requires_grad)):
@@ -352,11 +365,7 @@ def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
     kw = dict(h.solve_kw)
     if tol is not None:
         kw["tol"] = float(tol)
-    from .gradients import adjoint_gradients
-    if getattr(h, "process_group", None) is not None:      # a sharded solve: shard it too
-        from .distributed import sharded_adjoint_gradients
-        adjoint_gradients = functools.partial(sharded_adjoint_gradients,
-                                              process_group=h.process_group)
+    adjoint_gradients = h.adjoint()                # sharded for a sharded solve
     x_T = h.x_T.detach().requires_grad_(True)
     y = getattr(h.system.chain, "y", None)
     y = None if y is None else y.detach().requires_grad_(True)

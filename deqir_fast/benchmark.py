@@ -2,7 +2,7 @@
 traceable to the command that printed it.
 
 For each chain kind (DDIM, DDPM = DDIM with eta 1, DDRM inpainting, DDNM super-resolution:
-the calibration chains of ``bench/calibrate.py``), each number of steps S and each batch
+the calibration chains of ``deqir_fast.calibration``), each number of steps S and each batch
 size B, one process runs, on the same model, chain and noise:
 
 - the serial sampler (``sample_serial``), the reference;
@@ -36,7 +36,6 @@ with no convergence numbers.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -55,17 +54,18 @@ import torch
 
 import deqir_fast as dq
 
+from . import calibration
 from .peers import PEERS, peer
 from .telemetry import GPU_FIELDS, GpuMonitor, PeakMemory, nvml_status
 
-GREY = 2 / 255
-# Chain kinds: the names of bench/calibrate.py's chains (any of them is accepted too).
+GREY = calibration.GREY
+# Chain kinds: the names of the calibration chains (any of them is accepted too).
 CHAIN_ALIASES = {"DDIM": "DDIM", "DDPM": "DDPM", "DDRM": "DDRM-inp", "DDNM": "DDNM-sr2"}
 DEFAULT_CHAINS = ("DDIM", "DDPM", "DDRM", "DDNM")
 DEFAULT_STEPS = (10, 20)
 DEFAULT_BATCHES = (1,)
 DEFAULT_PEERS = tuple(PEERS)
-NAMED_MODELS = ("bundled", "photo16", "gmm", "random64", "random256")
+NAMED_MODELS = ("bundled", "gmm", "random64", "random256")
 RANDOM_CHANNELS = (32, 64, 128, 128)
 OURS = "deqir_fast"
 SERIAL = "serial"
@@ -179,27 +179,6 @@ class BenchModel:
 
 
 # -- models ---------------------------------------------------------------------------------
-def calibration():
-    """``bench/calibrate.py`` of the source checkout: its ``load`` (bundled, photo16) and
-    ``chains`` (the calibration chains) are the models and chains of every bench table."""
-    name = "deqir_fast_bench_calibrate"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "bench" / "calibrate.py"
-    if not path.is_file():
-        raise ValueError(f"deqir-fast bench builds its chains with bench/calibrate.py of the "
-                         f"source checkout (install with pip install -e .); {path} is missing")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
 def smooth_images(n: int, shape, seed: int) -> torch.Tensor:
     """n smooth random images in [-1, 1] (low-resolution noise, upsampled): stand-in
     ground truth for a model that brings no images."""
@@ -229,17 +208,17 @@ def _parameters(model) -> int:
 
 
 def load_model(cfg: BenchConfig) -> BenchModel:
-    """The ``BenchModel`` that ``cfg.model`` names: bundled, photo16, gmm, random64,
-    random256, or a diffusers UNet2DModel folder."""
+    """The ``BenchModel`` that ``cfg.model`` names: bundled, gmm, random64, random256, or
+    a diffusers UNet2DModel folder (the source repository's ``bench/models/photo16`` is
+    one)."""
     from .models import EpsModel, load_unet
     name = str(cfg.model)
-    if name in ("bundled", "photo16"):
-        model, schedule, images = calibration().load(name)
-        what = ("the bundled 1.1M-parameter UNet (coloured digits, 3x32x32), held-out digits"
-                if name == "bundled" else
-                "photo16, a 0.4M-parameter UNet (photo patches, 3x16x16), held-out patches")
+    if name == "bundled":
+        model, schedule, images = calibration.load(name)
         return BenchModel(name, model, schedule, images.float(), network=model.network,
-                          scheduler_config=model.scheduler_config, description=what)
+                          scheduler_config=model.scheduler_config,
+                          description="the bundled 1.1M-parameter UNet (coloured digits, "
+                                      "3x32x32), held-out digits")
     if name == "gmm":
         size = cfg.gmm_size
         schedule = dq.Schedule.linear(1000)
@@ -262,7 +241,7 @@ def load_model(cfg: BenchConfig) -> BenchModel:
                                       f"{_parameters(net) / 1e6:.2g}M parameters: speed only")
     folder = Path(name)
     if not folder.is_dir():
-        raise ValueError(f"--model {name}: not one of {', '.join(NAMED_MODELS)} and not a folder")
+        raise ValueError(_unknown_model(name))
     model = load_unet(folder)
     schedule = model.schedule or dq.Schedule.linear(1000)
     shape = _unet_shape(model.network)
@@ -281,6 +260,14 @@ def load_model(cfg: BenchConfig) -> BenchModel:
                                   f"{sched}, {source})")
 
 
+def _unknown_model(name: str) -> str:
+    text = f"--model {name}: not one of {', '.join(NAMED_MODELS)} and not a folder"
+    if Path(name).name == "photo16":
+        text += ("; photo16 is not installed with the package: pass its folder in the source "
+                 "repository, --model path/to/bench/models/photo16")
+    return text
+
+
 def _unet_shape(net):
     config = net.config
     size = config.sample_size
@@ -291,8 +278,7 @@ def _unet_shape(net):
 def select_chains(names: Sequence[str]) -> List[str]:
     """Chain kinds (DDIM, DDPM, DDRM, DDNM or a calibration chain name) -> calibration
     chain names, checked."""
-    known = ("DDIM", "DDIM-eta0.5", "DDPM", "DDRM-inp", "DDRM-sr2", "DDRM-deblur", "DDNM-sr2",
-             "DDNM-inp", "DDNM+-sr2")
+    known = calibration.CHAIN_NAMES
     out = []
     for n in names:
         full = CHAIN_ALIASES.get(n, n)
@@ -610,7 +596,11 @@ def run_loops(bm: BenchModel, cfg: BenchConfig, S: int, B: int, device: torch.de
 
 
 def _git_commit() -> Optional[str]:
+    """The commit of a source checkout the package runs from (an editable install);
+    None for an installed copy, which may sit inside some other repository."""
     root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5)
@@ -662,7 +652,6 @@ def run_benchmark(cfg: BenchConfig, bench_model: Optional[BenchModel] = None, pr
     total = (len(chain_names) * len(cfg.steps) * len(cfg.batches) * n_methods * (1 + cfg.repeats)
              + (len(cfg.steps) * len(cfg.batches) * 2 * (1 + cfg.repeats) if loops else 0))
     bar = progress(total) if progress is not None else _no_progress()
-    cal = calibration()
     loads = []                           # the 1-minute load average as each timing starts and ends
     started = datetime.datetime.now().astimezone()
     runs, loop_rows = [], []
@@ -670,7 +659,7 @@ def run_benchmark(cfg: BenchConfig, bench_model: Optional[BenchModel] = None, pr
         for S in cfg.steps:
             for B in cfg.batches:
                 truth = bm.truth[torch.arange(B) % bm.truth.shape[0]].float()
-                built = dict(cal.chains(bm.schedule, S, truth, seed=cfg.seed))
+                built = dict(calibration.chains(bm.schedule, S, truth, seed=cfg.seed))
                 for name in chain_names:
                     wait_for_load(cfg.max_load, cfg.max_wait, note)
                     loads.append(load_1m())
@@ -1200,8 +1189,8 @@ def add_bench_arguments(p) -> None:
                         f"config sets the schedule)")
     g.add_argument("--chains", type=_names, default=",".join(DEFAULT_CHAINS), metavar="LIST",
                    help="chain kinds: DDIM, DDPM (eta 1), DDRM (inpainting, 70%% missing, "
-                        "sigma_y 0.05), DDNM (SR x2), or calibration chain names of "
-                        "bench/calibrate.py")
+                        "sigma_y 0.05), DDNM (SR x2), or calibration chain names: "
+                        + ", ".join(calibration.CHAIN_NAMES))
     g.add_argument("--steps", type=_int_list, default=",".join(map(str, DEFAULT_STEPS)), metavar="LIST",
                    help="numbers of sampling steps S, e.g. 10,100,1000")
     g.add_argument("--batch", type=_int_list, default=",".join(map(str, DEFAULT_BATCHES)), metavar="LIST",
@@ -1251,7 +1240,7 @@ def config_from_args(args) -> BenchConfig:
     select_chains(args.chains)
     model = args.model
     if model not in NAMED_MODELS and not Path(model).is_dir():
-        raise ValueError(f"--model {model}: not one of {', '.join(NAMED_MODELS)} and not a folder")
+        raise ValueError(_unknown_model(model))
     return BenchConfig(model=model, chains=list(args.chains), steps=list(args.steps),
                        batches=list(args.batch), peers=list(args.peers), repeats=args.repeats,
                        tol=args.tol, window=args.window, loops=not args.no_loops,

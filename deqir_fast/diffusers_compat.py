@@ -15,9 +15,20 @@ scheduler's ``step`` does, as of diffusers 0.42:
   "fixed_small", "fixed_small_log" or "fixed_large"; it draws noise only where t > 0;
 - ``prediction_type`` "sample" / "v_prediction": the chain stays the eps chain; the
   model's output is turned into eps by ``EpsModel(..., prediction_type=, schedule=)``
-  (``eps_model`` below), eps = (x - sqrt(ᾱ) x0)/sqrt(1-ᾱ) or sqrt(ᾱ) v + sqrt(1-ᾱ) x;
+  (``eps_model`` below), eps = (x - sqrt(ᾱ) x0)/sqrt(1-ᾱ) or sqrt(ᾱ) v + sqrt(1-ᾱ) x,
+  and the chain's coefficients are those of diffusers' own step on (x, model output)
+  (x0 and eps each taken from the output as diffusers takes them) composed with that
+  conversion, so that the two together do diffusers' arithmetic (``_eps_form``);
+- ``rescale_betas_zero_snr=True`` (ᾱ = 0 at the last training timestep): supported
+  wherever no step runs the model at that timestep ("leading" spacing, unless
+  ``steps_offset`` puts a step there); refused where one does ("trailing",
+  "linspace"), because at ᾱ = 0 the eps form of the step cannot carry the model's
+  prediction;
 - settings that make a step non-affine in the state (``clip_sample``, ``thresholding``,
-  learned variances) raise a ValueError naming the setting and how to turn it off.
+  learned variances) raise a ValueError naming the setting and how to turn it off;
+- a subclass of ``DDIMScheduler`` / ``DDPMScheduler`` that overrides a method the
+  serial loop runs (``step``, ``set_timesteps``, ...) raises a TypeError: the chain
+  reproduces diffusers' own step, not the override.
 
 ``draw_noise`` draws x_T and the per-step noise from a generator in the order the
 diffusers pipelines draw them (x_T first, then one draw per noisy step), so that
@@ -43,6 +54,19 @@ SUPPORTED = ("DDIMScheduler", "DDPMScheduler")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 AFFINE_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
+# The beta_schedule values each class's __init__ accepts (diffusers 0.42.1; anything else
+# raises NotImplementedError there). A config of another or no class is read with the
+# widest set (DDPMScheduler's): only its ᾱ is used.
+BETA_SCHEDULES = {
+    "DDIMScheduler": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "DDPMScheduler": ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid"),
+}
+ALL_BETA_SCHEDULES = BETA_SCHEDULES["DDPMScheduler"]
+# Methods of DDIMScheduler / DDPMScheduler whose behaviour the chain reproduces from the
+# config alone: what the serial loop calls (set_timesteps, scale_model_input, step) and
+# what step calls. A subclass overriding any of them steps differently.
+STEPPING_METHODS = ("set_timesteps", "scale_model_input", "step", "_get_variance",
+                    "previous_timestep", "_threshold_sample")
 
 # diffusers 0.42.1 defaults (used for keys a config file leaves out).
 _DEFAULTS = {
@@ -55,19 +79,54 @@ _DEFAULTS = {
 
 
 # -- reading a scheduler or its config ------------------------------------------------
+def _diffusers_base(cls) -> Optional[type]:
+    """diffusers' own DDIMScheduler / DDPMScheduler among ``cls``'s bases, or None (a
+    class of that name from another package is not diffusers')."""
+    for c in cls.__mro__:
+        if c.__name__ in SUPPORTED and c.__module__.split(".")[0] == "diffusers":
+            return c
+    return None
+
+
 def _read(scheduler) -> Tuple[str, dict]:
-    """(kind, config): kind is the supported base class name, or the class name itself."""
+    """(kind, config): kind is the supported diffusers base class name, or the class name
+    itself (module-qualified for a class that is not diffusers')."""
     if isinstance(scheduler, Mapping):
         cfg = dict(scheduler)
         kind = str(cfg.get("_class_name", ""))
     elif hasattr(scheduler, "config") and isinstance(getattr(scheduler, "config"), Mapping):
         cfg = dict(scheduler.config)
-        names = [c.__name__ for c in type(scheduler).__mro__]
-        kind = next((n for n in names if n in SUPPORTED), type(scheduler).__name__)
+        cls = type(scheduler)
+        base = _diffusers_base(cls)
+        kind = base.__name__ if base is not None else f"{cls.__module__}.{cls.__qualname__}"
     else:
         raise TypeError(f"scheduler must be a diffusers scheduler or its config (a mapping), "
                         f"got {type(scheduler).__name__}")
     return kind, {**_DEFAULTS, **cfg}
+
+
+def _check_not_overridden(scheduler) -> None:
+    """TypeError for a subclass of DDIMScheduler / DDPMScheduler (or an instance) that
+    overrides a method the serial loop runs: the chain is built from the config and
+    would step as diffusers' own class, silently ignoring the override."""
+    if isinstance(scheduler, Mapping):
+        return
+    cls = type(scheduler)
+    base = _diffusers_base(cls)
+    if base is None:
+        return
+    above = cls.__mro__[:cls.__mro__.index(base)]          # the subclasses between cls and base
+    own = getattr(scheduler, "__dict__", {})              # methods set on the instance itself
+    changed = [m for m in STEPPING_METHODS if any(m in vars(c) for c in above) or m in own]
+    if changed:
+        what = (f"of class {cls.__qualname__} (a subclass of diffusers' {base.__name__})"
+                if cls is not base else f"({base.__name__}) has an instance attribute that")
+        raise TypeError(
+            f"scheduler {what} overrides {', '.join(changed)}: the parallel chain is built "
+            f"from the config and reproduces {base.__name__}'s own step, so it would not step "
+            f"as the override does. "
+            f"Use {base.__name__} itself, e.g. {base.__name__}.from_config(scheduler.config), "
+            f"or a subclass that leaves {', '.join(STEPPING_METHODS)} as they are")
 
 
 def _betas_for_alpha_bar(n: int, kind: str, max_beta: float = 0.999) -> torch.Tensor:
@@ -84,37 +143,72 @@ def _betas_for_alpha_bar(n: int, kind: str, max_beta: float = 0.999) -> torch.Te
                         dtype=torch.float32)
 
 
-def alphas_cumprod_from_config(cfg: Mapping) -> torch.Tensor:
-    """ᾱ_t (float32, as diffusers computes it) from a scheduler config."""
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    # diffusers' rescale_zero_terminal_snr (Lin et al. 2023, Alg. 1), same float32 ops:
+    # ᾱ at the last training timestep becomes exactly 0.
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= last
+    alphas_bar_sqrt *= first / (first - last)
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod_from_config(cfg: Mapping, kind: Optional[str] = None) -> torch.Tensor:
+    """ᾱ_t (float32, as diffusers computes it) from a scheduler config.
+
+    ``kind``: the scheduler class (default the config's ``_class_name``); its own set of
+    ``beta_schedule`` values is accepted (``BETA_SCHEDULES``), any class's for another
+    or no class. With ``rescale_betas_zero_snr`` the last value is 0."""
     cfg = {**_DEFAULTS, **dict(cfg)}
+    kind = str(cfg.get("_class_name", "")) if kind is None else kind
     T = cfg["num_train_timesteps"]
     check_positive_int("num_train_timesteps", T)
-    bs, be, kind = cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"]
-    if cfg["trained_betas"] is not None:
+    bs, be, schedule = cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"]
+    accepted = BETA_SCHEDULES.get(kind, ALL_BETA_SCHEDULES)
+    if cfg["trained_betas"] is not None:                   # diffusers ignores beta_schedule then
         betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
-    elif kind == "linear":
+    elif schedule not in accepted:
+        who = (f"diffusers' {kind} accepts only" if kind in BETA_SCHEDULES
+               else "use one of")
+        raise ValueError(f"beta_schedule {schedule!r} is not supported: {who} "
+                         f"{', '.join(map(repr, accepted))} (or pass trained_betas)")
+    elif schedule == "linear":
         betas = torch.linspace(bs, be, T, dtype=torch.float32)
-    elif kind == "scaled_linear":
+    elif schedule == "scaled_linear":
         betas = torch.linspace(bs ** 0.5, be ** 0.5, T, dtype=torch.float32) ** 2
-    elif kind == "squaredcos_cap_v2":
+    elif schedule == "squaredcos_cap_v2":
         betas = _betas_for_alpha_bar(T, "cosine")
-    elif kind == "laplace":
+    elif schedule == "laplace":
         betas = _betas_for_alpha_bar(T, "laplace")
-    elif kind == "sigmoid":
+    else:  # sigmoid
         betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (be - bs) + bs
-    else:
-        raise ValueError(f"beta_schedule {kind!r} is not supported; use one of 'linear', "
-                         f"'scaled_linear', 'squaredcos_cap_v2' (or pass trained_betas)")
-    _check_zero_snr(cfg)
+    if cfg["rescale_betas_zero_snr"]:
+        betas = _rescale_zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def _check_zero_snr(cfg: Mapping) -> None:
-    if cfg.get("rescale_betas_zero_snr"):
-        raise ValueError("rescale_betas_zero_snr=True is not supported: it sets ᾱ = 0 at the last "
-                         "training timestep, where the eps form of the step "
-                         "(x0 = (x - sqrt(1-ᾱ) ε)/sqrt(ᾱ)) is undefined; build the scheduler "
-                         "with rescale_betas_zero_snr=False")
+def _check_zero_snr_timesteps(cfg: Mapping, ts: np.ndarray) -> None:
+    """ValueError where a step would run the model at the zero-SNR timestep (ᾱ = 0)."""
+    T = cfg["num_train_timesteps"]
+    if not cfg["rescale_betas_zero_snr"] or int(ts.max()) != T - 1:
+        return
+    pt = cfg["prediction_type"]
+    if pt == "epsilon":
+        theirs = ("with prediction_type='epsilon' diffusers' own step divides by sqrt(ᾱ) = 0 "
+                  "there and returns inf/NaN")
+    else:
+        theirs = (f"diffusers' step is defined there for prediction_type={pt!r} (it uses the "
+                  f"model's x0 directly), but deqir_fast's chains take ε, and at ᾱ = 0 ε = x "
+                  f"carries nothing of the model's prediction, so that step cannot be written "
+                  f"in their form")
+    raise ValueError(
+        f"rescale_betas_zero_snr=True sets ᾱ = 0 at t = {T - 1}, and "
+        f"timestep_spacing={cfg['timestep_spacing']!r} with steps_offset={cfg['steps_offset']} "
+        f"and {len(ts)} steps runs the model at t = {T - 1}: {theirs}. Use "
+        f"timestep_spacing='leading' with a steps_offset that keeps the timesteps below "
+        f"{T - 1} (there the chain is exact), or rescale_betas_zero_snr=False")
 
 
 def schedule_from_diffusers(scheduler) -> Schedule:
@@ -123,16 +217,36 @@ def schedule_from_diffusers(scheduler) -> Schedule:
     A scheduler object's own ``alphas_cumprod`` is taken (the float32 values it steps
     with, held in float64); a config (mapping) is evaluated as diffusers does."""
     kind, cfg = _read(scheduler)
-    _check_zero_snr(cfg)
     if not isinstance(scheduler, Mapping) and isinstance(getattr(scheduler, "alphas_cumprod", None),
                                                         torch.Tensor):
         ac = scheduler.alphas_cumprod.detach().cpu()
     else:
-        ac = alphas_cumprod_from_config(cfg)
+        ac = alphas_cumprod_from_config(cfg, kind)
     try:
         return Schedule(ac.to(torch.float64))
     except ValueError as exc:
         raise ValueError(f"the scheduler's alphas_cumprod cannot be used: {exc}") from None
+
+
+def _raw_timesteps(cfg: Mapping, S: int) -> np.ndarray:
+    """``set_timesteps(S)``'s timesteps, computed with numpy as diffusers 0.42 does, unchecked."""
+    T, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, S).round()[::-1].copy().astype(np.int64)
+    if spacing == "leading":
+        ratio = T // S
+        ts = (np.arange(0, S) * ratio).round()[::-1].copy().astype(np.int64)
+        return ts + cfg["steps_offset"]
+    if spacing == "trailing":
+        ratio = T / S
+        ts = np.round(np.arange(T, 0, -ratio)).astype(np.int64)
+        ts -= 1
+        return ts
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported; use one of {SPACINGS}")
+
+
+def _in_range(ts: np.ndarray, T: int) -> bool:
+    return bool(ts.min() >= 0 and ts.max() < T)
 
 
 def timesteps_from_config(cfg: Mapping, num_inference_steps: int) -> np.ndarray:
@@ -144,22 +258,30 @@ def timesteps_from_config(cfg: Mapping, num_inference_steps: int) -> np.ndarray:
         raise ValueError(f"num_inference_steps ({S}) cannot be larger than the scheduler's "
                          f"num_train_timesteps ({T})")
     spacing = cfg["timestep_spacing"]
-    if spacing == "linspace":
-        ts = np.linspace(0, T - 1, S).round()[::-1].copy().astype(np.int64)
-    elif spacing == "leading":
-        ratio = T // S
-        ts = (np.arange(0, S) * ratio).round()[::-1].copy().astype(np.int64)
-        ts += cfg["steps_offset"]
-    elif spacing == "trailing":
-        ratio = T / S
-        ts = np.round(np.arange(T, 0, -ratio)).astype(np.int64)
-        ts -= 1
-    else:
-        raise ValueError(f"timestep_spacing {spacing!r} is not supported; use one of {SPACINGS}")
-    if ts.min() < 0 or ts.max() >= T:
-        raise ValueError(f"timestep_spacing={spacing!r} with steps_offset={cfg['steps_offset']} and "
-                         f"{S} steps gives timesteps outside [0, {T - 1}] "
-                         f"({int(ts.max())}..{int(ts.min())}); diffusers would fail on them too")
+    ts = _raw_timesteps(cfg, S)
+    if not _in_range(ts, T):
+        setting = (f"timestep_spacing={spacing!r} with steps_offset={cfg['steps_offset']} and "
+                   f"{S} steps gives")
+        if ts.max() >= T:
+            # diffusers indexes alphas_cumprod[t] with it and fails there
+            raise ValueError(f"{setting} timesteps up to {int(ts.max())}, outside [0, {T - 1}]; "
+                             f"diffusers' step fails on them too (IndexError on its "
+                             f"alphas_cumprod of {T} values). Use a smaller steps_offset")
+        what = (f"{len(ts)} timesteps for {S} steps (numpy's arange overshoots by one), the "
+                f"last of them {int(ts[-1])}" if len(ts) != S else
+                f"timesteps down to {int(ts.min())}")
+        near = sorted((n for n in range(max(1, S - 20), min(T, S + 20) + 1)
+                       if n != S and _in_range(_raw_timesteps(cfg, n), T)),
+                      key=lambda n: (abs(n - S), n))[:2]
+        hint = f"num_inference_steps={' or '.join(map(str, sorted(near)))}, " if near else ""
+        raise ValueError(
+            f"{setting} {what}. diffusers runs them without an error, but wrongly: at a "
+            f"negative t it calls the model at that timestep and steps with "
+            f"alphas_cumprod[t], which Python's negative indexing makes ᾱ({T} + t) (ᾱ({T - 1}), "
+            f"the noisiest value, for t = -1); it treats a nearly clean image as noise, and "
+            f"x0 = (x - sqrt(1-ᾱ) ε)/sqrt(ᾱ) divides by that tiny sqrt(ᾱ), so the image comes "
+            f"out far off. The parallel chain refuses to reproduce that: use {hint}"
+            f"timestep_spacing='linspace', or 'leading' with steps_offset >= 0")
     return ts
 
 
@@ -192,6 +314,13 @@ def _check_affine(kind: str, cfg: Mapping, cls_name: str) -> None:
 
 
 # -- chains -----------------------------------------------------------------------------
+def _check_prediction_type(prediction_type) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
+                         f"got {prediction_type!r}")
+    return prediction_type
+
+
 def _as_alpha_next(schedule: Schedule, timesteps: torch.Tensor, alpha_next) -> torch.Tensor:
     an = torch.as_tensor(alpha_next, dtype=torch.float64).detach().cpu().flatten()
     if an.numel() != timesteps.numel():
@@ -215,6 +344,45 @@ def _as_affine(P: torch.Tensor, Q: torch.Tensor, Z: Optional[torch.Tensor], a: t
     return P * a.sqrt(), Q + P * (1 - a).sqrt(), None, kZ
 
 
+def _conversion_scalars(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(ᾱ), sqrt(1-ᾱ)) as ``to_eps`` uses them: from the float64 ᾱ, in float64 (then
+    cast to the state's dtype). The chains below compose their steps with exactly these."""
+    a = a.to(torch.float64)
+    return a ** 0.5, (1 - a) ** 0.5
+
+
+def _eps_form(prediction_type: str, a: torch.Tensor, sa, sb, c_x0, c_eps, c_x):
+    """(P, Q), float64 [S]: the chain x' = P x + Q ε̂ (+ noise) where ε̂ = ``to_eps(out)``.
+
+    diffusers' step is x' = c_x0·x0 + c_eps·ε + c_x·x, with x0 and ε taken from the model's
+    output ``out`` as its ``step`` takes them for ``prediction_type``, with its own scalars
+    ``sa`` = sqrt(ᾱ), ``sb`` = sqrt(1-ᾱ) (float32 for diffusers' schedulers):
+      epsilon: x0 = (x - sb·out)/sa,  ε = out
+      sample:  x0 = out,              ε = (x - sa·out)/sb
+      v:       x0 = sa·x - sb·out,    ε = sa·out + sb·x.
+    That is x' = A x + B out. ``to_eps`` turns out into ε̂ = c1·out + c2·x with its own
+    scalars (``_conversion_scalars``), so Q = B/c1 and P = A - Q·c2 make P x + Q ε̂ = A x +
+    B out exactly (up to float64 rounding). Deriving x0 from ε̂ with float32 scalars
+    instead, as the eps chain does, is off by (1 - sa² - sb²)/sa, which is large where ᾱ is
+    tiny (1e-6 in float64 on a cosine schedule's first step, issue #22)."""
+    d = torch.float64
+    sa, sb, c_x0, c_eps, c_x = (v.to(d) for v in (sa, sb, c_x0, c_eps, c_x))
+    if prediction_type == "epsilon":             # the eps chain itself (to_eps is the identity)
+        return c_x0 / sa + c_x, c_eps - c_x0 * sb / sa
+    csa, csb = _conversion_scalars(a)
+    if prediction_type == "v_prediction":
+        A = c_x0 * sa + c_eps * sb + c_x
+        B = c_eps * sa - c_x0 * sb
+        Q = B / csa                                             # ε̂ = csa·v + csb·x
+        return A - Q * csb, Q
+    if prediction_type == "sample":
+        A = c_eps / sb + c_x
+        B = c_x0 - c_eps * sa / sb
+        Q = -B * csb / csa                                      # ε̂ = (x - csa·x0)/csb
+        return A - Q / csb, Q
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
 class DiffusersDDIM(DDIM):
     """DDIM stepped as diffusers' ``DDIMScheduler.step`` steps it: the model runs at
     t_i, and the step lands on ᾱ = ``alpha_next[i]`` (ᾱ(t_i - T//S), or
@@ -230,7 +398,7 @@ class DiffusersDDIM(DDIM):
         super().__init__(schedule, timesteps, eta=eta, final_alpha=1.0)
         self.alpha_next = _as_alpha_next(schedule, self.timesteps, alpha_next)
         self.final_alpha = float(self.alpha_next[-1])
-        self.prediction_type = prediction_type
+        self.prediction_type = _check_prediction_type(prediction_type)
         self.noise_draws = torch.full((self.num_steps,), self.eta > 0)
         f = torch.float32
         a, ap = self.alpha.to(f), self.alpha_next.to(f)           # exact: ᾱ came from float32
@@ -240,8 +408,9 @@ class DiffusersDDIM(DDIM):
         direction = (1 - ap - std ** 2).clamp_min(0) ** 0.5
         sa, sb, sap = a ** 0.5, bt ** 0.5, ap ** 0.5
         d = torch.float64
-        self._P = sap.to(d) / sa.to(d)
-        self._Q = direction.to(d) - sap.to(d) * sb.to(d) / sa.to(d)
+        # x' = sqrt(a') x0 + direction ε (+ σ z), with x0 and ε as diffusers takes them
+        self._P, self._Q = _eps_form(prediction_type, self.alpha, sa, sb, sap, direction,
+                                     torch.zeros_like(sa))
         self._Z = std.to(d) if self.eta > 0 else None
 
     def _k(self, a, an):
@@ -272,7 +441,7 @@ class DDPM(Chain):
             raise ValueError(f"coefficient_dtype must be torch.float32 or torch.float64, "
                              f"got {coefficient_dtype}")
         self.variance = variance
-        self.prediction_type = prediction_type
+        self.prediction_type = _check_prediction_type(prediction_type)
         self.noise_draws = self.timesteps > 0
         f = coefficient_dtype
         a, ap = self.alpha.to(f), self.alpha_next.to(f)
@@ -290,8 +459,9 @@ class DDPM(Chain):
             std = cur_beta ** 0.5
         sa, sb = a ** 0.5, bt ** 0.5
         d = torch.float64
-        self._P = c0.to(d) / sa.to(d) + cs.to(d)
-        self._Q = -c0.to(d) * sb.to(d) / sa.to(d)
+        # x' = c0 x0 + cs x (+ σ z), with x0 as diffusers takes it
+        self._P, self._Q = _eps_form(prediction_type, self.alpha, sa, sb, c0,
+                                     torch.zeros_like(c0), cs)
         self._Z = torch.where(self.noise_draws, std.to(d), torch.zeros((), dtype=d))
 
     @property
@@ -312,12 +482,16 @@ def chain_from_diffusers(scheduler, num_inference_steps: Optional[int] = None,
     ``num_inference_steps=None`` takes the scheduler's current ``set_timesteps`` setting.
     The chain's ``prediction_type`` says how to read the model's output (see
     ``eps_model``); its ``noise_draws`` which steps draw noise in the serial loop.
+    Raises a TypeError for a subclass that overrides a method the serial loop runs, and a
+    ValueError for settings the chain cannot reproduce (each message says why), among them
+    ``rescale_betas_zero_snr`` where a step runs the model at ᾱ = 0.
     """
     kind, cfg = _read(scheduler)
     if kind not in SUPPORTED:
         raise ValueError(f"unsupported scheduler {kind or 'config without _class_name'!r}: the "
                          f"parallel chain reproduces {' and '.join(SUPPORTED)}; convert with "
                          f"DDIMScheduler.from_config(scheduler.config, clip_sample=False)")
+    _check_not_overridden(scheduler)
     _check_affine(kind, cfg, kind)
     if num_inference_steps is None:
         num_inference_steps = getattr(scheduler, "num_inference_steps", None)
@@ -333,8 +507,9 @@ def chain_from_diffusers(scheduler, num_inference_steps: Optional[int] = None,
     if schedule.num_train_timesteps != cfg["num_train_timesteps"]:
         raise ValueError(f"the scheduler has {schedule.num_train_timesteps} alphas_cumprod values "
                          f"but num_train_timesteps={cfg['num_train_timesteps']}")
-    ts = torch.from_numpy(timesteps_from_config(cfg, num_inference_steps))
-    ts = check_timesteps(schedule, ts)
+    ts = timesteps_from_config(cfg, num_inference_steps)
+    _check_zero_snr_timesteps(cfg, ts)
+    ts = check_timesteps(schedule, torch.from_numpy(ts))
     ac = schedule.alphas_cumprod
     pt = cfg["prediction_type"]
     if kind == "DDIMScheduler":
@@ -363,9 +538,12 @@ def to_eps(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: Schedu
     if schedule is None:
         raise ValueError(f"prediction_type={prediction_type!r} needs the schedule (ᾱ_t)")
     t = torch.as_tensor(t, device=x.device).long().reshape(-1)
-    # in x's dtype, as diffusers derives pred_epsilon (alpha_prod_t ** 0.5 etc.)
-    a = schedule.alphas_cumprod.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    sa, s1 = a ** 0.5, (1 - a) ** 0.5
+    # sqrt(ᾱ), sqrt(1-ᾱ) in float64, then in x's dtype: the diffusers chains' coefficients
+    # are composed with exactly these values (``_eps_form``), so that conversion and step
+    # together do diffusers' arithmetic.
+    sa, s1 = _conversion_scalars(schedule.alphas_cumprod.to(x.device)[t])
+    shape = (-1, *([1] * (x.dim() - 1)))
+    sa, s1 = sa.to(x.dtype).view(shape), s1.to(x.dtype).view(shape)
     if prediction_type == "sample":
         return (x - sa * out) / s1
     return sa * out + s1 * x                                     # v_prediction

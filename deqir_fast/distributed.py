@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -114,19 +115,55 @@ class ShardStats:
 
 
 def resolve(process_group) -> ShardConfig:
-    """A ``ShardConfig`` from what ``solve`` was given; checks torch.distributed is up."""
+    """A ``ShardConfig`` from what ``solve`` was given; checks torch.distributed is up.
+    Returns a new config (the caller's is not changed: a config the user keeps must not
+    come to hold the default group, see ``GroupRef``)."""
     cfg = process_group if isinstance(process_group, ShardConfig) else ShardConfig(group=process_group)
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group given but torch.distributed is not initialised "
                          "(call torch.distributed.init_process_group, e.g. under torchrun)")
-    if cfg.group is None:
-        cfg.group = dist.group.WORLD
-    if not isinstance(cfg.group, dist.ProcessGroup):
+    group = dist.group.WORLD if cfg.group is None else cfg.group
+    if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"process_group must be a torch.distributed ProcessGroup or a "
-                        f"deqir_fast.distributed.ShardConfig, got {type(cfg.group).__name__}")
+                        f"deqir_fast.distributed.ShardConfig, got {type(group).__name__}")
     if not (isinstance(cfg.timeout, (int, float)) and cfg.timeout > 0):
         raise ValueError(f"timeout must be a number of seconds > 0, got {cfg.timeout!r}")
-    return cfg
+    return ShardConfig(group=group, timeout=cfg.timeout, rebalance=cfg.rebalance)
+
+
+class GroupRef:
+    """The process group of a finished sharded solve, held WEAKLY, for its backward.
+
+    A result that held its group strongly kept the group's gloo worker threads alive past
+    the user's ``destroy_process_group()``, into interpreter shutdown; a worker that was
+    still releasing a finished collective then needed the GIL to free its tensors and
+    aborted the process ("terminate called without an active exception": 1 rank in 4 to
+    8 launches on 2 cores, issue #22; the core dump shows the worker in
+    ~AsyncAllgatherWork, the main thread in Py_FinalizeEx). With the group dropped by
+    ``destroy_process_group``, torch destroys it there, joining its workers first."""
+
+    def __init__(self, cfg: ShardConfig):
+        self._group = weakref.ref(cfg.group)
+        self.timeout, self.rebalance = cfg.timeout, cfg.rebalance
+
+    def config(self) -> ShardConfig:
+        group = self._group()
+        if group is None or not _is_live(group):
+            raise ValueError("the process group of this sharded solve has been destroyed: "
+                             "run the backward (res.x0.backward(), dq.backward) before "
+                             "torch.distributed.destroy_process_group()")
+        return ShardConfig(group=group, timeout=self.timeout, rebalance=self.rebalance)
+
+
+def _is_live(group) -> bool:
+    """Whether ``group`` is still registered with torch.distributed (not destroyed)."""
+    if not dist.is_initialized():
+        return False
+    try:
+        dist.get_rank(group)
+    except (ValueError, RuntimeError):
+        return False
+    return True
 
 
 def check_device(group, device: torch.device) -> str:
@@ -497,7 +534,7 @@ def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver:
                 raise_nonfinite(p)                 # the serial sampler's own step p fails
             deviation = float(rows_all[:, maxW].max()) if p < lo else -1.0
             if p < lo:
-                note_deviation(stats, deviation)
+                note_deviation(stats, p, deviation)
             if not deviation <= tol:
                 # a frozen state off the serial one (solvers.fixed_point_solve): every
                 # rank takes the shadow's state, the states are replicated from the
@@ -825,22 +862,3 @@ def sharded_adjoint_gradients(system, X: torch.Tensor, grad_x0: torch.Tensor, *,
     out["model_calls"] = int(calls.to("cpu")[0])
     out.update(input_gradients(chain, lam, x_T, noise, y, X.dtype))
     return out
-
-
-def shard_handle(handle, process_group):
-    """The ``api._Handle`` of a sharded solve: its backward (``grad="ift"``, i.e.
-    ``res.x0.backward()``, and ``dq.backward(res, ...)``) solves the adjoint sharded
-    over the same group."""
-    from .api import _Handle
-
-    class ShardedHandle(_Handle):
-        def gradients(self, grad_x0, params=None):
-            return sharded_adjoint_gradients(
-                self.system, self.X, grad_x0, process_group=process_group, x_T=self.x_T,
-                noise=self.noise, params=self.params if params is None else params,
-                **self.solve_kw)
-
-    h = ShardedHandle.__new__(ShardedHandle)
-    h.__dict__.update(handle.__dict__)
-    h.process_group = process_group          # dq.backward shards its adjoint too
-    return h

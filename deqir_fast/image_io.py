@@ -1,5 +1,8 @@
-"""Image files in and out, for the command line: Pillow decodes and encodes (imageio
-reads 16-bit colour, which Pillow truncates), scikit-image resizes.
+"""Image files in and out, for the command line: Pillow decodes and encodes, scikit-image
+resizes. Pillow has no 16-bit colour mode (it keeps the high byte of each sample), so
+16-bit colour is read by decoding the file twice with Pillow's own decoders, once for
+each byte (``_sixteen_bit_colour``), or through imageio (tifffile) for compressed TIFF,
+and written through tifffile.
 
 Pixels travel as float32 numpy arrays H x W x C in [0, 1], with C = 1 (grey) or 3
 (colour). Reading reports what it changed (an alpha channel dropped, 16-bit values
@@ -14,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,10 +31,12 @@ _SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
 
 @dataclass
 class Picture:
-    """An image read from ``path``: ``pixels`` H x W x C in [0, 1], and what reading did."""
+    """An image read from ``path``: ``pixels`` H x W x C in [0, 1], what reading did, and
+    ``bits``, the depth of its samples (1, 8, 16, or 32 for floating point)."""
     path: Path
     pixels: np.ndarray
     notes: List[str] = field(default_factory=list)
+    bits: int = 8
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -44,29 +49,38 @@ def read_image(path: Path) -> Picture:
         raise ValueError(f"INPUT {path} does not exist")
     if path.is_dir():
         raise ValueError(f"INPUT {path} is a folder")
-    notes = []
     try:
         with Image.open(path) as im:
-            sixteen_bit = _is_16bit(im)         # read before load(), which clears tile
+            tiles = list(getattr(im, "tile", None) or [])    # before load(), which clears it
             im.load()
-            pixels, notes = _decode(im, path, sixteen_bit)
+            pixels, notes, bits = _decode(im, path, tiles)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"INPUT {path} is not a readable image ({exc})") from None
-    return Picture(path, pixels, notes)
+    return Picture(path, pixels, notes, bits)
 
 
-def _decode(im, path: Path, sixteen_bit: bool) -> Tuple[np.ndarray, List[str]]:
-    notes = []
+def _decode(im, path: Path, tiles) -> Tuple[np.ndarray, List[str], int]:
+    notes: List[str] = []
     mode = im.mode
-    if mode in ("RGB", "RGBA") and sixteen_bit:
-        # Pillow keeps only the high byte of 16-bit colour; imageio reads all 16 bits.
-        import imageio.v3 as iio
-        values = iio.imread(path)
-        if values.dtype == np.uint16 and values.ndim == 3 and values.shape[-1] in (3, 4):
-            if values.shape[-1] == 4:
-                notes.append(f"{path.name}: alpha channel dropped (restoring the RGB channels)")
-            notes.append(f"{path.name}: 16-bit colour, scaled by 1/65535")
-            return (values[..., :3].astype(np.float64) / 65535.0).astype(np.float32), notes
+    raw = _raw_mode(tiles)
+    if mode in ("RGB", "RGBA") and raw is not None and ";16" in raw:
+        values = _sixteen_bit_colour(im, path, tiles, raw)
+        channels = "L" if raw.startswith("LA") else "RGB"
+        if values is not None:
+            if values.shape[-1] in (2, 4):
+                notes.append(f"{path.name}: alpha channel dropped (restoring the {channels} "
+                             f"channels)")
+            kind = "grey" if channels == "L" else "colour"
+            notes.append(f"{path.name}: 16-bit {kind}, scaled by 1/65535")
+            keep = 1 if channels == "L" else 3
+            return (values[..., :keep].astype(np.float64) / 65535.0).astype(np.float32), notes, 16
+        # Said, not silent: the low byte is lost (up to 1/256 of the range per value).
+        notes.append(f"{path.name}: 16-bit samples read at 8 bits (no decoder here keeps all "
+                     f"16 bits of this {raw} layout)")
+        if channels == "L":
+            # Pillow expands 16-bit grey + alpha to RGBA with R = G = B: it is grey.
+            im = im.convert("LA")
+            mode = "LA"
     if mode == "P" or mode == "PA":
         # A palette with transparency expands to RGBA, whose alpha is then dropped below.
         mode = "RGBA" if (mode == "PA" or "transparency" in im.info) else "RGB"
@@ -76,32 +90,75 @@ def _decode(im, path: Path, sixteen_bit: bool) -> Tuple[np.ndarray, List[str]]:
         im = im.convert("L" if mode[0] == "L" else "RGB")
         mode = im.mode
     if mode == "1":
-        return np.asarray(im, dtype=np.float32)[..., None], notes
+        return np.asarray(im, dtype=np.float32)[..., None], notes, 1
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(im).astype(np.float64)
         if values.min() < 0 or values.max() > 65535:
             raise ValueError(f"INPUT {path} holds 32-bit integers outside 0..65535; "
                              f"save it as an 8- or 16-bit image")
         notes.append(f"{path.name}: 16-bit grey, scaled by 1/65535")
-        return (values / 65535.0).astype(np.float32)[..., None], notes
+        return (values / 65535.0).astype(np.float32)[..., None], notes, 16
     if mode == "F":
         values = np.asarray(im, dtype=np.float32)
         if values.min() < 0 or values.max() > 1:
             raise ValueError(f"INPUT {path} holds floats in [{values.min():g}, {values.max():g}]; "
                              f"floating-point images must lie in [0, 1]")
-        return values[..., None], notes
+        return values[..., None], notes, 32
     if mode == "L":
-        return (np.asarray(im, dtype=np.float32) / 255.0)[..., None], notes
+        return (np.asarray(im, dtype=np.float32) / 255.0)[..., None], notes, 8
     if mode != "RGB":
         notes.append(f"{path.name}: {mode} converted to RGB")
         im = im.convert("RGB")
-    return np.asarray(im, dtype=np.float32) / 255.0, notes
+    return np.asarray(im, dtype=np.float32) / 255.0, notes, 8
 
 
-def _is_16bit(im) -> bool:
-    """Whether Pillow decoded this colour image from 16-bit samples (its raw mode)."""
-    return any(";16" in str(tile[3]) for tile in (getattr(im, "tile", None) or [])
-               if len(tile) > 3)
+def _raw_mode(tiles) -> Optional[str]:
+    """The raw mode Pillow decodes the file's samples from (e.g. ``RGB;16B``), or None."""
+    for tile in tiles:
+        if len(tile) > 3:
+            args = tile[3]
+            raw = args if isinstance(args, str) else (args[0] if args else None)
+            if isinstance(raw, str):
+                return raw
+    return None
+
+
+# Pillow's decoders for the 16-bit colour layouts, and the raw mode that reads the other
+# byte of each sample from the same bytes: unpacking "RGB;16L" takes the second byte of
+# each sample where "RGB;16B" takes the first, and both step through the data 6 bytes a
+# pixel, so the PNG filters are undone alike. 16-bit grey + alpha ("LA;16B", 4 bytes a
+# pixel) read as 8-bit "RGBA" gives L's high and low byte in R and G, A's in B and A.
+_OTHER_BYTE = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B",
+               "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B", "LA;16B": "RGBA"}
+
+
+def _sixteen_bit_colour(im, path: Path, tiles, raw: str) -> Optional[np.ndarray]:
+    """All 16 bits of a colour (or grey + alpha) image that Pillow decoded to its high
+    bytes, as uint16 H x W x C; None when no decoder here can read them."""
+    if all(t[0] in ("zip", "raw") for t in tiles) and raw in _OTHER_BYTE:
+        # PNG (zip) and uncompressed TIFF (raw): decode again, reading the other byte.
+        from PIL import Image
+        other = _OTHER_BYTE[raw]
+        with Image.open(path) as again:
+            again.tile = [(t[0], t[1], t[2], other if isinstance(t[3], str)
+                           else (other, *t[3][1:])) for t in again.tile]
+            again.load()
+            second = np.asarray(again).astype(np.uint16)
+        if raw == "LA;16B":
+            return np.stack([second[..., 0] * 256 + second[..., 1],
+                             second[..., 2] * 256 + second[..., 3]], -1)
+        # Pillow's own decode kept each sample's high byte (whatever the byte order); the
+        # second one read the low byte.
+        return np.asarray(im).astype(np.uint16) * 256 + second
+    try:
+        # Compressed TIFF and the rest: imageio (through tifffile for TIFF).
+        import imageio.v3 as iio
+        values = iio.imread(path)
+    except Exception:       # noqa: BLE001 - any failure here means "no 16-bit reader"
+        return None
+    if values.dtype == np.uint16 and values.ndim == 3 and values.shape[-1] in (3, 4):
+        return values
+    return None
 
 
 def image_files(pattern_or_path: str) -> List[Path]:
@@ -239,12 +296,36 @@ def check_folder_writable(folder: Path, for_what: str) -> None:
     os.unlink(probe)
 
 
-def save_pixels(pixels: np.ndarray, path: Path, fmt: str) -> None:
-    """Write H x W x C in [0, 1] as 8-bit (grey or RGB) in format ``fmt``."""
-    from PIL import Image
-    data = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
+def can_write_16bit(fmt: str, channels: int) -> bool:
+    """Whether ``save_pixels`` writes this format at 16 bits: TIFF (through tifffile for
+    colour) and grey PNG. Pillow writes no 16-bit colour PNG."""
+    return fmt == "TIFF" or (fmt == "PNG" and channels == 1)
+
+
+def quantize(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """[0, 1] -> the nearest of the 2**bits levels, as uint8 or uint16. Rounded, not
+    truncated: truncation maps 0.999 to 254 instead of 255 and darkens every value by
+    half a level on average."""
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    top = 2 ** bits - 1
+    scaled = np.clip(np.asarray(pixels, dtype=np.float64), 0.0, 1.0) * top
+    return np.rint(scaled).astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def save_pixels(pixels: np.ndarray, path: Path, fmt: str, bits: int = 8) -> None:
+    """Write H x W x C in [0, 1] (grey or RGB) in format ``fmt`` at ``bits`` = 8 or 16
+    per sample (16 where ``can_write_16bit``)."""
+    if bits == 16 and not can_write_16bit(fmt, pixels.shape[-1]):
+        raise ValueError(f"cannot write {pixels.shape[-1]}-channel {fmt} at 16 bits")
+    data = quantize(pixels, bits)
     if data.shape[-1] == 1:
         data = data[..., 0]
+    if bits == 16 and data.ndim == 3:
+        import tifffile
+        tifffile.imwrite(path, data, photometric="rgb")
+        return
+    from PIL import Image
     Image.fromarray(data).save(path, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
 
 

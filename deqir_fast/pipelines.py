@@ -25,8 +25,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import api
 from .chains import DDNM, DDRM, Chain
-from .diffusers_compat import (_read, chain_from_diffusers, draw_noise,
-                               schedule_from_diffusers, timesteps_from_config)
+from .diffusers_compat import (_check_zero_snr_timesteps, _read, chain_from_diffusers,
+                               draw_noise, schedule_from_diffusers, timesteps_from_config)
 from .models import EpsModel
 from .operators import Operator
 
@@ -147,7 +147,9 @@ class ParallelRestorationPipeline(DiffusionPipeline):
         """The DDRM / DDNM chain the pipeline solves (eta defaults: DDRM 0.85, DDNM 0)."""
         _, cfg = _read(self.scheduler)
         schedule = schedule_from_diffusers(self.scheduler)
-        ts = torch.from_numpy(timesteps_from_config(cfg, num_inference_steps))
+        ts = timesteps_from_config(cfg, num_inference_steps)
+        _check_zero_snr_timesteps(cfg, ts)             # DDRM/DDNM start from ᾱ(t_0) too
+        ts = torch.from_numpy(ts)
         if sampler == "ddrm":
             chain = DDRM(schedule, ts, operator=operator, y=y, sigma_y=sigma_y,
                          eta=0.85 if eta is None else eta, eta_b=eta_b)

@@ -12,7 +12,10 @@ from ._checks import check_positive_int
 class Schedule:
     """A discrete variance-preserving schedule given by ᾱ_t for t = 0 .. T-1.
 
-    ``Schedule(alphas_cumprod)`` takes any strictly decreasing sequence in (0, 1];
+    ``Schedule(alphas_cumprod)`` takes any strictly decreasing sequence in (0, 1]; the
+    last value may also be 0 (zero terminal SNR, diffusers' ``rescale_betas_zero_snr``):
+    no chain may run the model at that timestep (``check_timesteps`` refuses it), since
+    every step's eps form divides by sqrt(ᾱ) there.
     ``Schedule.linear`` and ``Schedule.cosine`` build the usual ones exactly as
     diffusers' ``DDPMScheduler`` does (``beta_schedule="linear"`` and
     ``"squaredcos_cap_v2"``), but in float64.
@@ -22,8 +25,10 @@ class Schedule:
         a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
         if a.numel() < 1:
             raise ValueError("alphas_cumprod must hold at least one value")
-        if not bool(torch.isfinite(a).all()) or bool((a <= 0).any()) or bool((a > 1).any()):
-            raise ValueError("alphas_cumprod must lie in (0, 1] and be finite")
+        if (not bool(torch.isfinite(a).all()) or bool((a[:-1] <= 0).any()) or float(a[-1]) < 0
+                or bool((a > 1).any())):
+            raise ValueError("alphas_cumprod must lie in (0, 1] and be finite (the last value "
+                             "may be 0: zero terminal SNR)")
         if a.numel() > 1 and not bool((a[1:] < a[:-1]).all()):
             raise ValueError("alphas_cumprod must be strictly decreasing in t")
         self.alphas_cumprod = a
@@ -54,7 +59,9 @@ class Schedule:
     def from_diffusers(cls, scheduler) -> "Schedule":
         """The schedule of a diffusers scheduler (its own float32 ``alphas_cumprod``) or
         of a scheduler config mapping (e.g. a loaded ``scheduler_config.json``):
-        ``beta_schedule`` linear, scaled_linear, squaredcos_cap_v2 or ``trained_betas``."""
+        ``beta_schedule`` as the config's class accepts it (DDIMScheduler: linear,
+        scaled_linear, squaredcos_cap_v2; DDPMScheduler also laplace and sigmoid) or
+        ``trained_betas``; ``rescale_betas_zero_snr`` makes the last ᾱ 0."""
         from .diffusers_compat import schedule_from_diffusers
         return schedule_from_diffusers(scheduler)
 
@@ -108,4 +115,9 @@ def check_timesteps(schedule: Schedule, ts: Sequence[int] | torch.Tensor) -> tor
                          f"max {int(ts.max())}")
     if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
         raise ValueError("timesteps must be strictly descending")
+    zero = schedule.alphas_cumprod[ts] == 0
+    if bool(zero.any()):
+        raise ValueError(f"timesteps must not include t = {int(ts[zero][0])}, where the schedule "
+                         f"has ᾱ = 0 (zero terminal SNR): a step there divides by sqrt(ᾱ) "
+                         f"(x0 = (x - sqrt(1-ᾱ) ε)/sqrt(ᾱ)); start below it")
     return ts

@@ -166,6 +166,9 @@ class SolverStats:
     # the largest deviation of a frozen state from the shadow's serial one (noise units);
     # NaN when the shadow compared nothing
     shadow_deviation: float = float("nan")
+    # the steps whose frozen state the shadow compared, in order: step p is reached in
+    # round p + 1 and compared when it was frozen before that round
+    shadow_checked: List[int] = field(default_factory=list)
 
     @property
     def residual_trace(self) -> torch.Tensor:
@@ -290,8 +293,10 @@ def begin_exact_restart(stats: "SolverStats", lin, step: int) -> None:
     lin.forget_rounds()
 
 
-def note_deviation(stats: "SolverStats", deviation: float) -> None:
-    """Keep the largest deviation the shadow measured (``stats.shadow_deviation``)."""
+def note_deviation(stats: "SolverStats", step: int, deviation: float) -> None:
+    """Record that the shadow compared frozen state ``step`` (``stats.shadow_checked``)
+    and keep the largest deviation it measured (``stats.shadow_deviation``)."""
+    stats.shadow_checked.append(step)
     if math.isnan(stats.shadow_deviation) or deviation > stats.shadow_deviation:
         stats.shadow_deviation = deviation
 
@@ -378,7 +383,7 @@ def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
         if deviation is not None and not math.isfinite(deviation):
             raise_nonfinite(p)            # the serial sampler's own step p fails
         if deviation is not None and compare:
-            note_deviation(stats, deviation)
+            note_deviation(stats, p, deviation)
         if deviation is not None and compare and not deviation <= tol:
             # Frozen state p is off the serial one by more than tol: the chain amplifies
             # what the freeze rule accepts (docs/design.md §3d). Restart from the shadow's
@@ -585,7 +590,7 @@ def _solve_checking_every(system, X, *, solver, linearize, tol, floor, max_iter,
             frozen = [p0 + q < lo + int(f_host[q]) for q in range(n_rounds)]
             for q in range(n_rounds):
                 if frozen[q]:
-                    note_deviation(stats, float(dev_host[q]))
+                    note_deviation(stats, p0 + q, float(dev_host[q]))
             over = [q for q in range(n_rounds) if frozen[q] and not float(dev_host[q]) <= tol]
             # the frozen states the shadow passed, no longer read (the carry is lo + f - 1),
             # take the serial values (as in fixed_point_solve)

@@ -29,6 +29,10 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     device = torch.device("cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("sharded_solve.py: --device cuda needs a CUDA build of torch and a "
+                         "GPU, and this machine has none (torch.cuda.is_available() is False): "
+                         "use --device cpu")
     if args.device == "cuda":                         # one GPU per rank
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -44,12 +44,188 @@ class Mutant:
     old: str
     new: str
     count: int = 1            # occurrences of ``old`` replaced (all must exist)
+    first: tuple = ()         # test files to run before FIRST (where the catching test is)
 
     @property
     def extra(self) -> bool:
         """Only run with --all (each uncaught mutant costs a full suite run, 1.5-4 min)."""
         return self.id in EXTRA
 
+
+SOLVERS_T, DIST_T, WEIGHTS_T = ("tests/test_solvers.py",), ("tests/test_distributed.py",), \
+    ("tests/test_residual_weights.py",)
+CLI_T, IO_T = ("tests/test_cli.py",), ("tests/test_image_io.py",)
+DIFF_T, SCHED_T = ("tests/test_dropin_diffusers.py",), ("tests/test_schedules.py",)
+BENCH_T, README_T = ("tests/test_benchmark.py",), ("tests/test_readme.py",)
+
+# Issue #22 (2026-12-07): each planted by hand first and seen caught by the test named in
+# tests/README.md; ``first`` runs that test's file first.
+ISSUE_22 = [
+    # -- the serial shadow: which frozen states it compares, and after a restart ----------------
+    Mutant("shadow-skips-carry", "the shadow skips the state a window carries (lo - 1)",
+           "deqir_fast/solvers.py", "        compare = p < lo\n", "        compare = p < lo - 1\n",
+           first=SOLVERS_T),
+    Mutant("shadow-skips-carry-device", "check_every: the shadow skips the carried state",
+           "deqir_fast/solvers.py", "frozen = [p0 + q < lo + int(f_host[q]) for q",
+           "frozen = [p0 + q < lo + int(f_host[q]) - 1 for q", first=SOLVERS_T),
+    Mutant("shadow-unfrozen-device", "check_every: the shadow compares the first unfrozen state",
+           "deqir_fast/solvers.py", "frozen = [p0 + q < lo + int(f_host[q]) for q",
+           "frozen = [p0 + q <= lo + int(f_host[q]) for q", first=SOLVERS_T),
+    Mutant("shadow-skips-carry-sharded", "sharded: the shadow skips the carried state",
+           "deqir_fast/distributed.py",
+           "if shadow is not None and p < lo and int(final_owner[p]) == me",
+           "if shadow is not None and p < lo - 1 and int(final_owner[p]) == me", first=DIST_T),
+    Mutant("restart-keeps-secant-rounds", "a shadow restart keeps the secant's round history",
+           "deqir_fast/solvers.py", "    stats.serial_mismatch = step\n    lin.forget_rounds()\n",
+           "    stats.serial_mismatch = step\n", first=SOLVERS_T),
+    Mutant("forget-rounds-noop", "Linearization.forget_rounds forgets nothing",
+           "deqir_fast/linearize.py", "            self._seen.zero_()", "            pass",
+           first=SOLVERS_T),
+    Mutant("derived-span-in-steps", "DDNM's derived-weight span counted in steps (ceil(S/100)), "
+           "not timesteps", "deqir_fast/system.py",
+           '        k = torch.searchsorted(-t, -t + span, side="left")',
+           "        k = (torch.arange(S) + int(DERIVED_SPAN * S + 0.999)).clamp(max=S)",
+           first=WEIGHTS_T),
+    # -- a sharded solve's teardown -------------------------------------------------------------
+    Mutant("shard-result-holds-group", "a sharded result holds its process group strongly",
+           "deqir_fast/distributed.py", "        self._group = weakref.ref(cfg.group)\n",
+           "        self._group, self._held = weakref.ref(cfg.group), cfg.group\n", first=DIST_T),
+    Mutant("shard-config-mutated", "resolve writes the default group into the caller's ShardConfig",
+           "deqir_fast/distributed.py",
+           "    group = dist.group.WORLD if cfg.group is None else cfg.group\n",
+           "    group = cfg.group = dist.group.WORLD if cfg.group is None else cfg.group\n",
+           first=DIST_T),
+    Mutant("example-cuda-unchecked", "examples/sharded_solve.py --device cuda without a GPU: "
+           "a traceback", "examples/sharded_solve.py",
+           'if args.device == "cuda" and not torch.cuda.is_available():', "if False:",
+           first=DIST_T),
+    # -- drop-in edges (diffusers) --------------------------------------------------------------
+    Mutant("trailing-msg-says-fail", "the overshooting-trailing message claims diffusers would fail",
+           "deqir_fast/diffusers_compat.py",
+           'f"{setting} {what}. diffusers runs them without an error, but wrongly: at a "',
+           'f"{setting} {what}; diffusers would fail on them too. At a "', first=DIFF_T),
+    Mutant("subclass-override-ignored", "a DDIMScheduler subclass overriding step is stepped as plain DDIM",
+           "deqir_fast/diffusers_compat.py",
+           "changed = [m for m in STEPPING_METHODS if any(m in vars(c) for c in above) or m in own]",
+           "changed = []", first=DIFF_T),
+    Mutant("subclass-only-step-checked", "only an override of step is refused",
+           "deqir_fast/diffusers_compat.py",
+           'STEPPING_METHODS = ("set_timesteps", "scale_model_input", "step", "_get_variance",',
+           'STEPPING_METHODS = ("step", "_get_variance",', first=DIFF_T),
+    Mutant("ddim-accepts-laplace", "a DDIMScheduler config accepts every beta_schedule DDPMScheduler does",
+           "deqir_fast/diffusers_compat.py", "accepted = BETA_SCHEDULES.get(kind, ALL_BETA_SCHEDULES)",
+           "accepted = ALL_BETA_SCHEDULES", first=DIFF_T),
+    Mutant("beta-msg-lists-other", "the beta_schedule message lists another set than the one accepted",
+           "deqir_fast/diffusers_compat.py",
+           "f\"{', '.join(map(repr, accepted))} (or pass trained_betas)\")",
+           "f\"{', '.join(map(repr, ALL_BETA_SCHEDULES))} (or pass trained_betas)\")", first=DIFF_T),
+    Mutant("v-eps-chain", "v_prediction steps with the eps chain's coefficients",
+           "deqir_fast/diffusers_compat.py", "        return A - Q * csb, Q",
+           "        return c_x0 / sa + c_x, c_eps - c_x0 * sb / sa", first=DIFF_T),
+    Mutant("sample-eps-chain", "sample prediction steps with the eps chain's coefficients",
+           "deqir_fast/diffusers_compat.py", "        return A - Q / csb, Q",
+           "        return c_x0 / sa + c_x, c_eps - c_x0 * sb / sa", first=DIFF_T),
+    Mutant("zero-snr-refuse-all", "rescale_betas_zero_snr refused for every spacing, leading too",
+           "deqir_fast/diffusers_compat.py",
+           'if not cfg["rescale_betas_zero_snr"] or int(ts.max()) != T - 1:',
+           'if not cfg["rescale_betas_zero_snr"]:', first=DIFF_T),
+    Mutant("zero-snr-no-refusal", "zero-SNR steps at alpha-bar = 0 not refused",
+           "deqir_fast/diffusers_compat.py",
+           'if not cfg["rescale_betas_zero_snr"] or int(ts.max()) != T - 1:', "if True:",
+           first=DIFF_T),
+    Mutant("zero-snr-config-unscaled", "a config's rescale_betas_zero_snr ignored (alpha-bar not rescaled)",
+           "deqir_fast/diffusers_compat.py", "        betas = _rescale_zero_terminal_snr(betas)",
+           "        betas = betas", first=DIFF_T),
+    Mutant("zero-alpha-timestep-allowed", "a chain may run the model at a timestep with alpha-bar = 0",
+           "deqir_fast/schedules.py", "    if bool(zero.any()):", "    if False:", first=SCHED_T),
+    Mutant("v-conversion-sign", "the v_prediction conversion to eps has the wrong sign on x",
+           "deqir_fast/diffusers_compat.py",
+           "    return sa * out + s1 * x                                     # v_prediction",
+           "    return sa * out - s1 * x                                     # v_prediction",
+           first=DIFF_T),
+    # -- the CLI and image files ----------------------------------------------------------------
+    Mutant("io-truncate", "image saving truncates to the level below instead of rounding",
+           "deqir_fast/image_io.py", "return np.rint(scaled).astype(", "return np.floor(scaled).astype(",
+           first=IO_T),
+    Mutant("io-16bit-colour-read", "16-bit RGB read from the high byte only", "deqir_fast/image_io.py",
+           '_OTHER_BYTE = {"RGB;16B": "RGB;16L",', '_OTHER_BYTE = {"RGB;16B": "RGB;16B",', first=IO_T),
+    Mutant("cli-16bit-output", "a 16-bit input always written at 8 bits", "deqir_fast/cli.py",
+           "        keep = depth > 8 and io.can_write_16bit(fmt, channels)", "        keep = False",
+           first=CLI_T),
+    Mutant("cli-float-inf", "--tol accepts inf", "deqir_fast/cli.py",
+           "non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0,",
+           "non_negative_float = _checked(float, lambda v: v >= 0,", first=CLI_T),
+    Mutant("cli-bench-floats", "plain float options (bench --max-load/--max-wait) accept inf/nan",
+           "deqir_fast/cli.py", "            action.type = finite_float", "            pass",
+           first=CLI_T),
+    Mutant("cli-seed-range", "--seed has no upper bound (overflow after the model loads)",
+           "deqir_fast/cli.py", "seed_int = _checked(int, lambda v: 0 <= v <= MAX_SEED,",
+           "seed_int = _checked(int, lambda v: 0 <= v,", first=CLI_T),
+    Mutant("cli-extras-precheck", "missing optional modules not checked before work",
+           "deqir_fast/cli.py", "        check_modules(args)\n", "        pass\n", first=CLI_T),
+    Mutant("cli-extras-late", "a late ModuleNotFoundError does not name the extra", "deqir_fast/cli.py",
+           '        if top in EXTRA_MODULES and "pip install" not in str(exc):', "        if False:",
+           first=CLI_T),
+    Mutant("cli-info-triton", "info lists triton as a usable scan backend whatever its state",
+           "deqir_fast/cli.py", "            if ok:\n                break",
+           '            if ok or name == "triton":\n                break', first=CLI_T),
+    Mutant("cli-serial-flags", "solver flags with a serial run ignored silently", "deqir_fast/cli.py",
+           '    if mode == "serial" and unused:', "    if False:", first=CLI_T),
+    Mutant("cli-task-twice", "--task given twice keeps the last silently", "deqir_fast/cli.py",
+           "            if self.dest in self.REFUSED_TWICE:", "            if False:", first=CLI_T),
+    Mutant("cli-quiet-verbose", "--quiet --verbose accepted", "deqir_fast/cli.py",
+           '    if getattr(args, "quiet", False) and getattr(args, "verbose", False):', "    if False:",
+           first=CLI_T),
+    Mutant("cli-lr-note", "--lr without --optimize-init ignored silently", "deqir_fast/cli.py",
+           '    if "lr" in given_options(args) and not args.optimize_init:', "    if False:",
+           first=CLI_T),
+    Mutant("cli-empty-out", "--out '' taken as the current folder", "deqir_fast/cli.py",
+           '    if getattr(args, "out", None) == "":', "    if False:", first=CLI_T),
+    Mutant("cli-colorize-grey", "simulated colorize on a grey image gives no warning",
+           "deqir_fast/cli.py",
+           '        if args.simulate and args.task == "colorize" and _is_grey(pixels):',
+           "        if False:", first=CLI_T),
+    Mutant("cli-note-once", "the auto-mode note on every run", "deqir_fast/cli.py",
+           'rounds save no time (--mode parallel forces it)", once="auto-serial")',
+           'rounds save no time (--mode parallel forces it)", once=None)', first=CLI_T),
+    Mutant("cli-eager-torch", "cli imports the maths (torch) at module level", "deqir_fast/cli.py",
+           "from . import __version__\n", "from . import __version__, api  # noqa: F401\n",
+           first=CLI_T),
+    Mutant("figures-plural", "counts always plural ('1 rounds')", "deqir_fast/figures.py",
+           "    return f\"{count} {word if count == 1 else (words or word + 's')}\"",
+           "    return f\"{count} {words or word + 's'}\"", first=CLI_T),
+    Mutant("figures-legend-inside", "convergence legend over the panels", "deqir_fast/figures.py",
+           "bbox_to_anchor=(0.5, bottom)", "bbox_to_anchor=(0.5, 0.5)", first=CLI_T),
+    # -- packaging and the README ---------------------------------------------------------------
+    Mutant("bench-calibrate-from-tree", "deqir-fast bench loads its models through the source tree's "
+           "bench/calibrate.py (missing after pip install .)", "deqir_fast/benchmark.py",
+           "        model, schedule, images = calibration.load(name)",
+           "        import runpy; model, schedule, images = runpy.run_path(str(Path(__file__)"
+           ".resolve().parents[1] / \"bench\" / \"calibrate.py\"))[\"load\"](name)", first=BENCH_T),
+    Mutant("bench-git-of-surrounding-repo", "bench records the commit of any git repository around "
+           "an installed copy", "deqir_fast/benchmark.py",
+           '    if not (root / ".git").exists():\n        return None\n', "", first=BENCH_T),
+    Mutant("readme-grad-measurement-loss", "README gradient example on ||A x0 - y||^2 (x_T.grad == 0)",
+           "README.md", "loss = (res.x0 - reference).pow(2).sum()",
+           "loss = (op.A(res.x0) - chain.y).pow(2).sum()", first=README_T),
+    Mutant("readme-silent-block", "a README block prints nothing", "README.md",
+           'print(f"{res.iterations} rounds for {len(sigmas) - 1} steps',
+           'str(f"{res.iterations} rounds for {len(sigmas) - 1} steps', first=README_T),
+    Mutant("setup-numpy-warning-shown", "setup.py lets torch's 'Failed to initialize NumPy' through",
+           "setup.py", 'warnings.filterwarnings("ignore", message="Failed to initialize NumPy",',
+           'warnings.filterwarnings("default", message="Failed to initialize NumPy",', first=README_T),
+    Mutant("setup-torch-imported-directly", "setup.py imports torch around the NumPy-warning filter",
+           "setup.py", "def _torch_build_vars():\n    torch, ce = _import_torch()",
+           "def _torch_build_vars():\n    import torch\n    import torch.utils.cpp_extension as ce",
+           first=README_T),
+    Mutant("setup-editable-filter-any-category", "setup.py silences every 'Editable installation' "
+           "warning, not only setuptools' notice", "setup.py",
+           'warnings.filterwarnings("ignore", message="Editable installation", category=InformationOnly)',
+           'warnings.filterwarnings("ignore", message="Editable installation")', first=README_T),
+    Mutant("setup-editable-filter-all-notices", "setup.py silences every setuptools notice", "setup.py",
+           'warnings.filterwarnings("ignore", message="Editable installation", category=InformationOnly)',
+           'warnings.filterwarnings("ignore", category=InformationOnly)', first=README_T),
+]
 
 MUTANTS = [
     # -- solvers.py: the update rules, the freeze and stop rules ----------------------------
@@ -220,6 +396,7 @@ MUTANTS = [
     # -- DDNM's derived weight (docs/design.md §3b) -----------------------------------------
     Mutant("derived-one-step", "the derived weight's leak not summed over the span (one step)",
            "deqir_fast/system.py", "w = (c[k] - c[:-1]).clamp_max(1.0)", "w = w"),
+    *ISSUE_22,
 ]
 
 
@@ -317,8 +494,9 @@ FIRST = ["tests/test_solvers.py", "tests/test_check_every.py", "tests/test_ander
          "tests/test_parity.py", "tests/test_triton_scan.py", "tests/test_triton_round.py"]
 
 
-def run_suite(dest: Path, extra, timeout: int):
-    first = [f for f in FIRST if (dest / f).exists()]
+def run_suite(dest: Path, extra, timeout: int, lead=()):
+    first = [f for f in (*lead, *FIRST) if (dest / f).exists()]
+    first = list(dict.fromkeys(first))
     rest = sorted(str(p.relative_to(dest)) for p in (dest / "tests").glob("test_*.py"))
     files = first + [f for f in rest if f not in first]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *extra, *files]
@@ -350,7 +528,7 @@ def check_one(m: Mutant, args) -> dict:
             if m.file.startswith("kernels/"):
                 rebuild_native(dest, log)
         check_import(dest)
-        rc, out, secs = run_suite(dest, args.pytest_args, args.timeout)
+        rc, out, secs = run_suite(dest, args.pytest_args, args.timeout, m.first)
         (tmp / "pytest.log").write_text(out)
         last = out.strip().splitlines()[-1] if out.strip() else ""
         rec.update(caught=rc != 0, first_failure=first_failure(out) or ("timeout" if rc == -9 else ""),

@@ -2,9 +2,13 @@
 JSON has every field, the plots are written, and parity errors are reported, not hidden."""
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +131,51 @@ def test_bad_arguments_fail_early(tmp_path, capsys):
     assert "unknown peer" in capsys.readouterr().err
     assert main(["bench", "--model", "gmm", "--chains", "DDXM", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--model", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    # photo16 is not installed with the package: the error says where it is
+    assert main(["bench", "--model", "photo16", "--out", str(tmp_path)]) == 2
+    assert "bench/models/photo16" in capsys.readouterr().err
+
+
+def test_bench_needs_nothing_outside_the_package(tmp_path):
+    """`pip install .` installs the package and nothing of bench/: the package copied alone
+    into an empty folder (no bench/ beside it, the source tree off the path) runs a real
+    bench on the bundled model, whose chains and model come from deqir_fast.calibration.
+    Its report names no git commit: the copy is not a checkout, though a repository
+    surrounds it."""
+    source = Path(bench.__file__).resolve().parent
+    # installed as into a venv that sits inside some git repository (as .venv in a checkout)
+    site = tmp_path / "site"
+    shutil.copytree(source, site / "deqir_fast", ignore=shutil.ignore_patterns("__pycache__"))
+    git = shutil.which("git")
+    if git:
+        for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                                      "--allow-empty", "-m", "other repository"]):
+            subprocess.run([git, "-C", str(tmp_path), *args], check=True, capture_output=True)
+    out = tmp_path / "out"
+    # modules loaded from the source tree's package or bench/ (its venv may sit beside them)
+    tree = (str(source) + os.sep, str(source.parent / "bench") + os.sep)
+    code = (
+        "import sys, deqir_fast\n"
+        f"assert deqir_fast.__file__.startswith({str(site)!r}), deqir_fast.__file__\n"
+        "from deqir_fast.cli import main\n"
+        "code = main(['bench', '--model', 'bundled', '--chains', 'DDRM,DDNM', '--steps', '2', "
+        "'--peers', 'deqir_fast', '--repeats', '0', '--no-loops', '--no-plots', '--quiet', "
+        f"'--out', {str(out)!r}])\n"
+        "stray = [m.__file__ for m in list(sys.modules.values())\n"
+        f"         if (getattr(m, '__file__', None) or '').startswith({tree!r})]\n"
+        "assert not stray, stray\n"
+        "sys.exit(code)\n")
+    env = dict(os.environ, PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "bench.json").read_text())
+    assert data["meta"]["model"] == "bundled" and data["failures"] == []
+    assert data["meta"]["git"] is None          # not the commit of the repository around it
+    ours = [r for r in data["runs"] if r["method"] == "deqir_fast"]
+    assert [r["chain"] for r in ours] == ["DDRM", "DDNM"]
+    assert all(r["parity_ok"] and r["max_abs_err"] <= bench.GREY for r in ours)
 
 
 # -- telemetry --------------------------------------------------------------------------------

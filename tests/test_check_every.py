@@ -37,11 +37,13 @@ def test_picard_is_exact_after_S_rounds_whatever_k(schedule, k):
     serial = dq.sample_serial(model, chain, x_T, return_states=True)
     res = dq.solve(model, chain, x_T, solver="picard", linearize="none", tol=0.0, check_every=k,
                    init="x_T")
-    assert res.converged and res.iterations == S
+    assert res.converged and res.iterations <= S
     assert (res.states - serial).abs().max().item() <= 1e-13
-    # the residual rows mark frozen steps with NaN, one more per round
+    # the residual rows mark frozen steps with NaN: at least one more per round (exactly
+    # one unless a late iterate already holds the serial bits, which depends on the CPU's
+    # kernels: see test_parity.test_picard_exact_after_S_rounds)
     frozen = torch.isnan(res.residuals).sum(1)
-    assert frozen.tolist() == list(range(S))
+    assert frozen[0] == 0 and bool((frozen[1:] >= frozen[:-1] + 1).all()), frozen
 
 
 def test_check_every_one_is_todays_loop(schedule):
@@ -54,10 +56,13 @@ def test_check_every_one_is_todays_loop(schedule):
 
 def test_not_converged_when_rounds_run_out(schedule):
     model, chain, x_T = make_problem(schedule, "ddim", None, 30, 1, seed=2)
-    res = dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=5, init="x_T", check_every=2)
+    res = dq.solve(model, chain, x_T, solver="picard", linearize="none", tol=0.0, max_iter=5,
+                   init="x_T", check_every=2)
     assert res.iterations == 5 and not res.converged
-    # tol = 0 freezes exactly one step a round; the window only slides at a read, so
-    # frozen steps are evaluated again until then: 30 + 30, 28 + 28, 26
+    # tol = 0 freezes exactly one step a round while no residual is exactly 0 (every one
+    # is > 2e-5 here: J = 0 from x_T, far from rounding on any CPU); the window only
+    # slides at a read, so frozen steps are evaluated again until then: 30 + 30, 28 + 28, 26
+    assert float(res.residuals.nan_to_num(1.0).min()) > 1e-6
     assert res.nfe == 142
 
 

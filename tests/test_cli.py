@@ -1,11 +1,15 @@
-"""The command line: image I/O, the error cases of issue #12 (each run as a subprocess:
-exit code 2, a one-line message, no traceback, nothing written) and tiny end-to-end runs.
+"""The command line: image I/O, the error cases of issues #12 and #22 (each run as a
+subprocess: exit code 2, a one-line message, no traceback, nothing written), what a new
+user tripped over (#22: missing extras, flags that cannot act, non-finite numbers, the
+seed range, --version's imports) and tiny end-to-end runs. Sample-level image I/O is in
+tests/test_image_io.py.
 
 Kept fast: 32x32 images, 2-3 steps, ``--mode serial`` where the solver is not the point;
 the subprocesses (each pays seconds for importing torch) start together in the background
 when the module's first test runs and overlap the in-process tests.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +23,7 @@ from PIL import Image
 from deqir_fast import cli, figures
 from deqir_fast import image_io as io
 from deqir_fast.models import heldout_images
+from test_image_io import png16, random16
 
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
@@ -146,10 +151,19 @@ ERROR_CASES = {
         ["restore", "low.png", "--task", "sr2", "--simulate", "--model", "fake_model",
          "--out", "o.png"], "the model takes 32x32 images", ["o.png"]),
     "tol_negative": (["restore", "clean.png", "--task", "sr4", "--simulate", "--tol", "-1",
-                      "--out", "o.png"], "argument --tol: must be a number >= 0, got -1",
+                      "--out", "o.png"], "argument --tol: must be a finite number >= 0, got -1",
                      ["o.png"]),
     "demo_unknown_task": (["demo", "--tasks", "sr4,nope", "--out", "figs"],
                           "unknown task 'nope'", ["figs"]),
+    # issue #22: every argument is checked before the model loads
+    "seed_too_large": (["restore", "clean.png", "--task", "sr4", "--simulate", "--seed",
+                        "99999999999999999999", "--out", "o.png"],
+                       "argument --seed: must be an integer from 0 to 2**63 - 1", ["o.png"]),
+    "tol_inf": (["restore", "clean.png", "--task", "sr4", "--simulate", "--tol", "inf",
+                 "--out", "o.png"], "argument --tol: must be a finite number >= 0, got inf",
+                ["o.png"]),
+    "out_empty": (["restore", "clean.png", "--task", "sr4", "--simulate", "--out", ""],
+                  "argument --out: is empty", ["restored.png"]),
 }
 
 
@@ -268,7 +282,8 @@ def test_several_inputs_batched_into_a_folder(images, capsys):
     assert listing(images) >= {"out", "in", "empty"} and not Path("restored").exists()
 
 
-def test_modes_window_and_progress(images, capsys):
+def test_modes_window_and_progress(images, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_NOTED", set())          # the note is shown once per process
     # auto on a CPU: serial, saying why in one line
     assert restore("low.png", "--task", "sr2", "--out", "a.png") == 0
     captured = capsys.readouterr()
@@ -298,7 +313,7 @@ def test_optimize_init_and_verbose(images, capsys):
     (["--steps", "0"], "argument --steps: must be an integer >= 1"),
     (["--window", "0"], "argument --window: must be an integer >= 1"),
     (["--max-batch", "0"], "argument --max-batch: must be an integer >= 1"),
-    (["--tol", "nan"], "argument --tol: must be a number >= 0"),
+    (["--tol", "nan"], "argument --tol: must be a finite number >= 0"),
     (["--steps", "1001"], "the model's schedule has 1000 timesteps"),
     (["--out", "x.xyz"], "cannot write .xyz images"),
     (["--task", "sr3"], "unknown task 'sr3'"),
@@ -384,6 +399,271 @@ def test_info_version_and_help(capsys):
 def argparse_suppress():
     import argparse
     return argparse.SUPPRESS
+
+
+# -- issue #22: what a new user tripped over -------------------------------------------------
+def float_options():
+    """(subcommand, option) for every option whose type parses "1.5" to a float."""
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    found = []
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if not action.option_strings or action.type is None:
+                continue
+            try:
+                value = action.type("1.5")
+            except Exception:                  # noqa: BLE001 - not a float option
+                continue
+            if isinstance(value, float):
+                found.append((name, action.option_strings[-1]))
+    return found
+
+
+REQUIRED = {"restore": ["clean.png", "--task", "sr2"]}
+
+
+def test_every_float_option_refuses_non_finite_numbers(capsys):
+    """--tol inf, --tol nan, and the same for every other float option, including those
+    bench.py declares as plain floats: one line naming the option, exit 2."""
+    options = float_options()
+    assert {("restore", "--tol"), ("restore", "--lr"), ("demo", "--tol"), ("bench", "--tol"),
+            ("bench", "--max-load"), ("bench", "--max-wait")} <= set(options)
+    for command, option in options:
+        for bad in ("inf", "-inf", "nan", "1e999"):
+            # --opt=VALUE: argparse would take a separate "-inf" for an option name
+            assert run_main([command, *REQUIRED.get(command, []), f"{option}={bad}"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1, err
+            assert f"argument {option}: must be a finite number" in err, err
+
+
+def test_seed_is_checked_in_the_parser(images, capsys):
+    """Issue #22: --seed 99999999999999999999 failed after the model loaded."""
+    for bad in ("99999999999999999999", str(cli.MAX_SEED + 1), "-1"):
+        assert run_main(["restore", "clean.png", "--task", "sr2", "--seed", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "argument --seed: must be an integer from 0 to 2**63 - 1" in err
+        assert len(err.splitlines()) == 1
+    # the largest seed, plus the offsets the draws add to it, is one torch accepts
+    torch.Generator().manual_seed(cli.MAX_SEED + 10 * 1000 + cli.CHAIN_NOISE_SEED)
+    assert cli.main(["restore", "clean.png", "--task", "sr2", "--simulate", "--mode", "serial",
+                     "--steps", "1", "--seed", str(cli.MAX_SEED), "--out", "s.png",
+                     "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("command, module, argv", [
+    ("restore", "PIL", ["restore", "clean.png", "--task", "sr2"]),
+    ("restore", "skimage", ["restore", "clean.png", "--task", "sr2", "--simulate"]),
+    ("demo", "diffusers", ["demo", "--out", "figs"]),
+    ("bench", "tqdm", ["bench", "--model", "gmm", "--out", "b"]),
+])
+def test_a_missing_extra_is_named_before_any_work(images, capsys, monkeypatch, command, module,
+                                                  argv):
+    """Without the extras, restore said only "No module named 'PIL'", bench "No module
+    named 'tqdm'" (after starting): every command names the extra, before any work."""
+    from deqir_fast import benchmark
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the missing module was reported")
+
+    monkeypatch.setattr(benchmark, "run_benchmark", no_work)
+    monkeypatch.setattr(cli, "load_model", no_work)
+    monkeypatch.setattr("deqir_fast.models.bundled_model", no_work)
+    monkeypatch.setitem(sys.modules, module, None)          # import fails as if not installed
+    before = listing(images)
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"deqir-fast {command} needs" in err and cli.EXTRA_MODULES[module] in err, err
+    assert f'pip install "deqir_fast[{cli.extra_for(cli.EXTRA_MODULES[module])}]"' in err
+    assert listing(images) == before
+
+
+def test_a_missing_module_found_late_names_the_extra(capsys, monkeypatch):
+    def late(args):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", late)
+    assert cli.main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert 'needs matplotlib, which is not installed: pip install "deqir_fast[' in err
+
+
+def test_extras_match_the_installed_metadata():
+    """The extra named in those messages is the one setup.py's extras_require lists."""
+    from importlib import metadata
+    try:
+        requirements = metadata.requires("deqir_fast") or []
+    except metadata.PackageNotFoundError:
+        pytest.skip("deqir_fast is not installed (its metadata names the extras)")
+    for distribution in cli.EXTRA_MODULES.values():
+        extra = cli.extra_for(distribution)
+        assert any(r.split(";")[0].strip().lower().startswith(distribution)
+                   and f'extra == "{extra}"' in r for r in requirements), (distribution, extra)
+
+
+def scan_backends_line() -> str:
+    return dict(cli.backend_lines())["scan backends"]
+
+
+def test_info_lists_only_usable_scan_backends(monkeypatch):
+    """Issue #22: info listed triton among the scan backends while saying triton is not
+    installed. Each backend is listed as usable exactly when some device can use it."""
+    from deqir_fast.ops import backends
+
+    def check():
+        line = scan_backends_line()
+        usable, _, unusable = line.partition("; not usable here: ")
+        for name in ("torch", "native", "triton"):
+            ok = any(backends.available(d)[name][0] for d in cli.devices())
+            assert (name in usable) == ok and (name in unusable) == (not ok), line
+        return unusable
+
+    check()
+    monkeypatch.setitem(sys.modules, "triton", None)        # as without triton
+    assert "triton (triton is not installed)" in check()
+
+
+def test_flags_that_cannot_act_are_reported(images, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_NOTED", set())
+    serial = ["--task", "sr2", "--out", "a.png", "--steps", "2"]
+    # solver options with a serial run: a note naming them
+    assert cli.main(["restore", "low.png", *serial, "--mode", "serial", "--window", "2",
+                     "--tol", "0.1"]) == 0
+    err = capsys.readouterr().err
+    assert "--tol, --window set the parallel solve, which this run does not use" in err
+    assert "--mode serial runs the serial sampler" in err
+    # ... and with auto, which runs serial on a CPU
+    assert cli.main(["restore", "low.png", *serial, "--solver", "anderson"]) == 0
+    err = capsys.readouterr().err
+    assert "--solver sets the parallel solve" in err and "--mode auto on a CPU" in err
+    # defaults are not choices: no note for options left alone, nor in parallel mode
+    assert cli.main(["restore", "low.png", *serial, "--mode", "serial"]) == 0
+    assert cli.main(["restore", "low.png", *serial, "--mode", "parallel", "--window", "2"]) == 0
+    assert "set the parallel solve" not in capsys.readouterr().err
+    # --lr without --optimize-init
+    assert cli.main(["restore", "low.png", *serial, "--mode", "serial", "--lr", "0.1"]) == 0
+    assert "--lr sets the Adam step of --optimize-init" in capsys.readouterr().err
+    # an option given twice: the second one counts, and a note says so
+    assert cli.main(["restore", "low.png", *serial, "--mode", "serial", "--steps", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "--steps given twice (2, then 1): using 1" in captured.err
+    assert "ddrm-1" in captured.out
+    # contradictions are errors, before anything is written
+    before = listing(images)
+    for argv, message in [
+        (["--task", "sr4"], "argument --task: given twice (sr2, then sr4); give it once"),
+        (["--quiet", "--verbose"], "--quiet and --verbose contradict each other"),
+    ]:
+        assert run_main(["restore", "low.png", *serial, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert listing(images) == before
+
+
+def test_auto_mode_note_once_per_process_and_quiet(images, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_NOTED", set())
+    argv = ["restore", "low.png", "--task", "sr2", "--steps", "1", "--out", "a.png"]
+    assert cli.main(argv + ["--quiet"]) == 0
+    assert capsys.readouterr().err == ""                     # --quiet hides it
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    assert capsys.readouterr().err.count("--mode auto runs serial on a CPU") == 1
+
+
+def test_empty_out_is_refused(images, capsys):
+    """Issue #22: --out '' reported "would overwrite the input" (it meant the current
+    folder)."""
+    before = listing(images)
+    for argv, what in [(["restore", "clean.png", "--task", "sr2", "--out", ""], "file"),
+                       (["demo", "--out", ""], "folder")]:
+        assert run_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "argument --out: is empty; name" in err and what in err, err
+        assert len(err.splitlines()) == 1
+    assert listing(images) == before
+
+
+def test_colorize_simulated_on_a_grey_image_says_there_is_no_colour(images, capsys):
+    Image.fromarray(digit().mean(-1).astype(np.uint8)).save("grey.png")
+    grey_rgb = np.repeat(digit().mean(-1).astype(np.uint8)[..., None], 3, -1)
+    Image.fromarray(grey_rgb).save("grey_rgb.png")
+    for name in ("grey.png", "grey_rgb.png"):
+        assert restore(name, "--task", "colorize", "--simulate", "--mode", "serial",
+                       "--out", "c.png") == 0
+        assert "so colorize has no colour to restore" in capsys.readouterr().err
+    assert restore("clean.png", "--task", "colorize", "--simulate", "--mode", "serial",
+                   "--out", "c.png") == 0
+    assert "no colour to restore" not in capsys.readouterr().err
+
+
+def test_counts_are_singular_or_plural(images, capsys):
+    assert cli.main(["restore", "low.png", "--task", "sr2", "--steps", "1", "--mode", "serial",
+                     "--out", "a.png", "--quiet"]) == 0
+    assert "(serial, 1 model call)" in capsys.readouterr().out
+    assert cli.main(["restore", "low.png", "--task", "sr2", "--steps", "2", "--mode",
+                     "parallel", "--out", "a.png", "--quiet"]) == 0
+    rounds, evals = re.search(r"parallel, (\d+ rounds?), (\d+ step evaluations?)\)",
+                              capsys.readouterr().out).groups()
+    assert rounds == cli.plural(int(rounds.split()[0]), "round")
+    assert evals == cli.plural(int(evals.split()[0]), "step evaluation")
+    assert [cli.plural(n, "round") for n in (0, 1, 2)] == ["0 rounds", "1 round", "2 rounds"]
+    assert "finishes in 1 round instead of 20 serial steps" in figures.convergence_takeaway(
+        {"a": 1}, 20, "X")
+    assert "a in 1 round instead of 2 serial steps; the other 1 needs all 2" in \
+        figures.convergence_takeaway({"a": 1, "b": 2}, 2, "X")
+
+
+def test_16bit_colour_input_gives_16bit_output_where_the_format_can(images, capsys):
+    values = (digit().astype(np.uint16) * 257) ^ random16((32, 32, 3)) % 256   # low bytes
+    png16("rgb16.png", values)
+    assert restore("rgb16.png", "--task", "denoise", "--simulate", "--mode", "serial",
+                   "--out", "r.tif") == 0
+    err = capsys.readouterr().err
+    assert "rgb16.png: 16-bit colour" in err
+    tifffile = pytest.importorskip("tifffile")
+    assert tifffile.imread("r.tif").dtype == np.uint16
+    assert restore("rgb16.png", "--task", "denoise", "--simulate", "--mode", "serial",
+                   "--out", "r.png") == 0
+    assert "r.png: written at 8 bits from a 16-bit input" in capsys.readouterr().err
+    assert Image.open("r.png").mode == "RGB"
+
+
+def test_version_and_help_import_neither_torch_nor_numpy():
+    """`deqir-fast --version` took 3.5 s importing torch: the top level imports only the
+    standard library (the subcommands' options are built when chosen)."""
+    code = ("import sys\n"
+            "from deqir_fast import cli\n"
+            "for argv in (['--version'], ['--help']):\n"
+            "    try:\n"
+            "        cli.main(argv)\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code == 0, exc.code\n"
+            "heavy = [m for m in ('torch', 'numpy', 'deqir_fast.api') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "deqir-fast 0." in proc.stdout and "COMMAND" in proc.stdout
+
+
+def test_convergence_legend_covers_no_curve():
+    """The legend sat inside the left panel, over the curves: it is outside both axes."""
+    nan = float("nan")
+    traces = {f"task {k}": {"residuals": torch.tensor([[1.0] * 6, [nan] * k + [0.1] * (6 - k),
+                                                       [nan] * 5 + [1e-3]]), "converged": True}
+              for k in range(1, 6)}
+    fig = figures.convergence_figure(traces, 0.01, "X-6")
+    renderer = fig.canvas.get_renderer()
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert legends
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer))
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("name", sorted(ERROR_CASES))

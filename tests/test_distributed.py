@@ -97,11 +97,22 @@ def test_sharded_equals_single_process(world, launches):
     assert acc["last"] == sorted(acc["last"]), acc       # once at the end, it stays there
     for sh in checks["shadow"]:
         assert sh["mismatch"] is not None and sh["converged"] and sh["rounds"] <= sh["S"], sh
-        assert sh["equal"], sh
+        # bit for bit where the front ran ahead of the shadow (every state it passed was
+        # replaced by its serial one); with J = 0 the carry it compared stays within tol
+        assert sh["equal"] or sh["linearize"] == "none", sh
+        # exactly the frozen states it reached compared, the carry included, up to the
+        # restart (a chain this sensitive may take other decisions than the single-process
+        # solve: float rounding of the carry correction, so no comparison with it here)
+        assert sh["checked"] == sh["frozen_before"] and sh["checked"][-1] == sh["mismatch"], sh
     for row in rows[n:]:
         assert row["x_T_err"] <= 1e-10 and row["param_err"] <= 1e-10, row
         assert row["backward_err"] <= 1e-10 and row["backward_sharded"] == 1, row
     for row in rows[:n]:
+        # The sharded loop takes the single-process decisions on residuals equal to ~1e-16
+        # relative (asserted below to 1e-6), so equal rounds and nfe follow on any CPU
+        # as long as no residual lies within that of a threshold (tol, tol * freeze_ratio)
+        assert row["margin"] > 1e-6, ("a residual this close to a threshold can take "
+                                      "either side: pick another case", row)
         assert row["iters"] == row["iters_ref"], row
         assert row["nfe"] == row["nfe_ref"], row
         assert row["converged"] == row["converged_ref"], row
@@ -143,6 +154,54 @@ def test_stuck_rank_times_out(tmp_path):
     assert seconds < 60
 
 
+PLAIN_LAUNCHES = 3       # each ~4 s; bench/sharded_teardown.py measures 30
+
+
+def test_the_plain_pattern_exits_cleanly(tmp_path):
+    """Every rank: ``res = solve(..., process_group=...)``, ``destroy_process_group()``,
+    exit with ``res`` alive, no barrier. Nothing of the library may hold the group past
+    the user's destroy (its gloo workers then outlive it into interpreter shutdown and
+    abort the process in 1 of 4-8 launches on 2 cores); the backward of such a result
+    says the group is gone instead of failing inside torch."""
+    for launch_no in range(PLAIN_LAUNCHES):
+        codes, errs, _ = launch(2, "plain", str(tmp_path / f"plain{launch_no}.json"))
+        assert codes == [0, 0], "\n".join(errs)
+        for err in errs:
+            assert "PLAIN group held after destroy: False" in err, err
+            assert "PLAIN backward after destroy: ValueError" in err and "destroyed" in err, err
+
+
+def test_a_shard_config_is_not_changed_by_a_solve():
+    """``resolve`` fills in the default group on a copy: a ShardConfig the user keeps for
+    later solves must not come to hold the group (it would outlive destroy_process_group)."""
+    import datetime
+    import tempfile
+    import torch
+    import torch.distributed as dist
+    import deqir_fast as dq
+    from deqir_fast.distributed import ShardConfig
+    dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        cfg = ShardConfig(timeout=30)
+        model, chain, x_T = _problem("ddim", None, 5, None)
+        res = dq.solve(model, chain, x_T, process_group=cfg)
+        assert cfg.group is None and res.converged
+        grad = dq.backward(res, torch.ones_like(res.x0))["x_T"]
+        assert grad.shape == x_T.shape and bool(grad.abs().sum() > 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_example_refuses_cuda_without_a_gpu_in_one_line():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")   # no GPU, anywhere
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "sharded_solve.py"),
+                        "--device", "cuda"], env=env, capture_output=True, text=True, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1, p.stderr
+    assert "--device cuda" in lines[0] and "--device cpu" in lines[0], p.stderr
+
+
 def test_bad_process_group_arguments():
     import deqir_fast as dq
     from deqir_fast.distributed import ShardConfig, resolve
@@ -155,6 +214,16 @@ def test_bad_process_group_arguments():
 
 # -- the worker -----------------------------------------------------------------------------
 
+def _threshold_margin(residuals, tol: float) -> float:
+    """The smallest relative distance of a finite residual from a decision threshold of
+    the freeze and stop rules (tol and tol * FREEZE_RATIO)."""
+    import torch
+    from deqir_fast.solvers import FREEZE_RATIO
+    r = residuals[torch.isfinite(residuals)]
+    return min(float(((r - thr).abs() / thr).min()) if r.numel() else float("inf")
+               for thr in (tol, tol * FREEZE_RATIO))
+
+
 def _problem(kind, op, S, seed):
     import torch
     import deqir_fast as dq
@@ -162,6 +231,9 @@ def _problem(kind, op, S, seed):
     sched = dq.Schedule.linear(1000, beta_start=1e-4, beta_end=0.02)
     return make_problem(sched, kind, op, S, 2, 0.1 if kind == "ddrm" else 0.0,
                         seed=S + (seed or 0))
+
+
+_KEEP = []          # results a "plain" worker keeps until the interpreter exits
 
 
 def _worker(rank, world, port, mode, out):
@@ -200,7 +272,9 @@ def _worker(rank, world, port, mode, out):
                         residuals_equal=bool(rr.shape == rs.shape and torch.equal(rr.isnan(), rs.isnan())
                                              and torch.allclose(rr.nan_to_num(), rs.nan_to_num(),
                                                                 rtol=1e-6, atol=1e-12)),
-                        rebalances=res.stats.sharding.rebalances))
+                        rebalances=res.stats.sharding.rebalances,
+                        margin=_threshold_margin(torch.cat([rr.flatten(), rs.flatten()]),
+                                                 kw["tol"])))
             # the implicit-gradient backward (grad="ift"), sharded the same way
             # dq.backward(res, ...) of a sharded solve shards its adjoint as well
             import deqir_fast.distributed as dd
@@ -267,11 +341,21 @@ def _worker(rank, world, port, mode, out):
             model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
             serial = dq.sample_serial(model, chain, x_T, return_states=True)
             checks["shadow"] = []
-            for window in (None, 20):
-                res = dq.solve(model, chain, x_T, window=window, process_group=ShardConfig(timeout=30))
+            # (window, linearize, tol): with J = 0 the shadow's step is the window's carry
+            # every round (test_solvers.test_the_shadow_checks_the_state_a_sliding_window_carries)
+            for window, lin, tol in ((None, "secant", 1e-2), (20, "secant", 1e-2), (7, "none", 1e-3)):
+                kw = dict(window=window, linearize=lin, tol=tol)
+                res = dq.solve(model, chain, x_T, process_group=ShardConfig(timeout=30), **kw)
+                bad = res.stats.serial_mismatch
                 checks["shadow"].append(dict(
-                    window=window, mismatch=res.stats.serial_mismatch, converged=res.converged,
-                    rounds=res.iterations, S=chain.num_steps, equal=torch.equal(res.states, serial)))
+                    window=window, linearize=lin, mismatch=bad, converged=res.converged,
+                    rounds=res.iterations, S=chain.num_steps, equal=torch.equal(res.states, serial),
+                    checked=res.stats.shadow_checked,
+                    # the steps frozen before the round that reached them (NaN in its row),
+                    # up to the restart (as test_solvers checks for the single process)
+                    frozen_before=[p for p in range(min(bad + 1, res.iterations))
+                                   if bool(torch.isnan(res.residuals[p, p]))]
+                    if bad is not None else None))
             rows.append(dict(case=["checks"], checks=checks))
             if rank == 0:
                 json.dump(rows, open(out, "w"))
@@ -340,14 +424,32 @@ def _worker(rank, world, port, mode, out):
                 sys.exit(4)
             if rank == 1:
                 os._exit(0)
+        elif mode == "plain":
+            # what a user writes: solve, keep the result, destroy the group, exit. A result
+            # that held the group kept its gloo workers alive into interpreter shutdown,
+            # where one still releasing a collective's tensors aborted the rank (issue #22)
+            import gc
+            import weakref
+            model, chain, x_T = _problem("ddrm", "inpainting", 11, None)
+            res = dq.solve(model, chain, x_T, window=5, generator=torch.Generator().manual_seed(3),
+                           process_group=ShardConfig(timeout=30))
+            _KEEP.append(res)                   # the result outlives the group, as in a script
+            gc.disable()                        # what holds the group must not be garbage either
+            group = weakref.ref(dist.group.WORLD)
+            dist.destroy_process_group()
+            held = group() is not None
+            gc.enable()
+            print(f"PLAIN group held after destroy: {held}", file=sys.stderr)
+            try:
+                dq.backward(res, torch.ones_like(res.x0))
+                print("PLAIN backward after destroy: no error", file=sys.stderr)
+            except ValueError as e:
+                print(f"PLAIN backward after destroy: ValueError: {e}", file=sys.stderr)
+            sys.stderr.flush()
+            return                              # a normal exit: interpreter shutdown
     finally:
         if dist.is_initialized() and mode == "parity":
-            # every rank past its last collective before any tears the group down: rank 1
-            # destroying its pairs while rank 0 still wrote the results made rank 0 abort
-            # in gloo's teardown ("terminate called without an active exception", exit
-            # -6) about once in ten launches
-            dist.barrier()
-            dist.destroy_process_group()
+            dist.destroy_process_group()        # no barrier: solve leaves nothing in flight
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":

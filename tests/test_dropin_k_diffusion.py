@@ -9,6 +9,9 @@ throwaway environment (k-diffusion 0.1.1.post1, torch 2.14.1) ``euler_reference`
 ``get_sigmas_karras`` below were checked to be bitwise equal to
 ``k_diffusion.sampling.sample_euler`` (final x and every callback's x and denoised) and
 ``k_diffusion.sampling.get_sigmas_karras`` for n = 10 and 50.
+
+Assertions between two computations use tolerances (float32, relative to the values'
+scale); the few exact ones compare values passed through untouched (each says why).
 """
 import pytest
 import torch
@@ -100,6 +103,7 @@ def test_equals_euler_step_for_step(name):
     assert [c["i"] for c in our_steps] == list(range(n))
     for mine, theirs in zip(our_steps, ref_steps):
         assert set(mine) == set(theirs)
+        # exact: both are sigmas[i] (k-diffusion multiplies it by 1.0, exact in IEEE arithmetic)
         assert float(mine["sigma"]) == float(theirs["sigma"])
         assert float(mine["sigma_hat"]) == float(theirs["sigma_hat"])
         assert _rel(mine["x"], theirs["x"]) <= 1e-5
@@ -120,7 +124,7 @@ def test_default_tolerance_and_other_shapes():
     with torch.no_grad():
         out3 = dq.sample_deq(model, x3, sigmas, tol=0)
     assert out3.shape == x3.shape and _rel(out3, euler_reference(model, x3, sigmas)) <= 1e-5
-    # one sigma: nothing to do
+    # one sigma: nothing to do (exact: x is returned untouched)
     assert torch.equal(dq.sample_deq(model, x, sigmas[:1]), x)
 
 

@@ -114,8 +114,9 @@ def test_chains_that_draw_noise_enter_from_a_copy(schedule):
 
 
 def test_a_sliding_window_starts_entering_steps_on_the_trajectory(schedule, monkeypatch):
-    """DDIM-100, window 20 (GMM, float64): the extended start takes 12 rounds where the
-    copy takes 14, and both land on the serial answer."""
+    """DDIM-100, window 20 (GMM, float64): the extended start takes fewer rounds than the
+    copy (measured 12 against 14; the counts themselves can move by a round with the
+    CPU's kernels, so only the order is pinned), and both land on the serial answer."""
     from deqir_fast.system import ChainSystem
     model, chain, x_T = make_problem(schedule, "ddim", None, 100, 2, shape=(3, 16, 16), seed=1)
     serial = dq.sample_serial(model, chain, x_T)
@@ -124,4 +125,4 @@ def test_a_sliding_window_starts_entering_steps_on_the_trajectory(schedule, monk
     copied = dq.solve(model, chain, x_T, window=20)
     for res in (extended, copied):
         assert res.converged and (res.x0 - serial).abs().max().item() < 1e-4
-    assert (extended.iterations, copied.iterations) == (12, 14)
+    assert extended.iterations < copied.iterations, (extended.iterations, copied.iterations)

@@ -49,11 +49,15 @@ def test_picard_exact_after_S_rounds(schedule, kind, op_name, sigma_y):
                               return_states=True)
     res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(1),
                    solver="picard", tol=0.0)
-    # A step whose update ignores the model (DDRM with σ_y = 0 on A = I) has a zero
-    # residual at once, so rounds can end early; otherwise Picard needs all S.
+    # With tol = 0 a step freezes only once every residual before it is exactly 0: the
+    # front moves at least one step a round (its first step's input is exact), so S rounds
+    # always suffice. It may move faster: a step whose update ignores the model (DDRM with
+    # σ_y = 0 on A = I) is exact at once, and a late iterate can land on the serial bits
+    # before the front reaches it (DDIM: 11 rounds, not 12, with MKL's AVX2 kernels, issue
+    # #22), so the round count itself is not pinned.
     assert res.converged and res.iterations <= S
-    if kind.startswith("ddim"):
-        assert res.iterations == S
+    frozen = torch.isnan(res.residuals).sum(1)          # steps frozen before each round
+    assert bool((frozen[1:] >= frozen[:-1] + 1).all()), frozen
     # Bitwise up to the batched model call's reduction order.
     assert (res.states - serial).abs().max().item() <= 1e-13
 
@@ -71,12 +75,20 @@ def test_float32_default_tolerance_within_one_grey_level(schedule, solver):
 
 def test_max_iter_too_small_is_not_converged(schedule):
     model, chain, x_T = make_problem(schedule, "ddim", None, 30, 1, seed=2)
-    res = dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=3, init="x_T")
+    res = dq.solve(model, chain, x_T, solver="picard", linearize="none", tol=0.0, max_iter=3,
+                   init="x_T")
     assert res.iterations == 3 and not res.converged
     assert res.residuals.shape == (3, 30)
+    # tol = 0 freezes exactly one step a round while no residual is exactly 0: here every
+    # one is > 2e-4 (J = 0 from x_T), far from rounding on any CPU, so 30 + 29 + 28
+    assert float(res.residuals.nan_to_num(1.0).min()) > 1e-6
     assert res.nfe == 30 + 29 + 28
-    # the jump guess costs one more step evaluation (the model call at step 0)
-    assert dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=3, init="jump").nfe == 88
+    # the jump guess costs one more step evaluation (the model call at step 0). Its
+    # residuals are at rounding level here (4e-16), so how far the front moves is up to
+    # the CPU's kernels: count the rounds' step evaluations from the residual rows (NaN
+    # outside each round's window)
+    jump = dq.solve(model, chain, x_T, solver="picard", tol=0.0, max_iter=3, init="jump")
+    assert jump.nfe == 1 + sum(int(torch.isfinite(r).sum()) for r in jump.residuals)
 
 
 def test_warm_start_from_solution_converges_in_one_round(schedule):

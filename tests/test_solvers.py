@@ -312,3 +312,87 @@ def test_serial_shadow_must_be_a_bool():
     model, chain, x_T = dq.testing.readme_problem("DDIM", 0)
     with pytest.raises(TypeError, match="serial_shadow must be True or False"):
         dq.solve(model, chain, x_T, serial_shadow="yes")
+
+
+@pytest.mark.parametrize("check_every,window", [(1, None), (3, None), (1, 20)])
+def test_the_shadow_checks_the_state_a_sliding_window_carries(check_every, window):
+    """With J = 0 DDNM's front moves one step a round, so the state the shadow reaches
+    is, round after round, the carry of the window (lo - 1: frozen, and read by the next
+    round). A shadow that compared only states below the carry compared nothing here
+    and returned x0 8-20 grey levels off serial with ``converged=True`` (README DDNM
+    problem, η = 0, tol 1e-3; issue #22)."""
+    for seed in (0, 3):
+        model, chain, x_T = dq.testing.readme_problem("DDNM", seed, eta=0.0)
+        serial = dq.sample_serial(model, chain, x_T)
+        res = dq.solve(model, chain, x_T, linearize="none", tol=1e-3, window=window,
+                       check_every=check_every)
+        assert res.converged and res.stats.serial_mismatch is not None, seed
+        assert (res.x0 - serial).abs().max().item() < 2 / 255, seed
+
+
+def _steps_frozen_before_their_round(res, rounds):
+    """The steps p < rounds whose state was frozen before round p + 1, the round in which
+    the shadow reaches it: NaN in that round's residual row."""
+    return [p for p in range(min(rounds, res.residuals.shape[0]))
+            if bool(torch.isnan(res.residuals[p, p]))]
+
+
+@pytest.mark.parametrize("check_every,window", [(1, None), (2, None), (3, 7), (5, None), (4, 12)])
+def test_the_shadow_compares_exactly_the_steps_frozen_before_it_reaches_them(check_every, window):
+    """Round p + 1 takes the serial step p; its state is compared when (and only when) it
+    was frozen before that round, whatever the engine: with ``check_every`` the frozen
+    steps of a round are those below the device's freeze counter at its start, and the
+    read-back compares them all (none missed, none unfrozen)."""
+    model, chain, x_T = dq.testing.readme_problem("DDRM", 1)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    res = dq.solve(model, chain, x_T, generator=gen(), check_every=check_every, window=window)
+    assert res.converged and res.stats.serial_mismatch is None
+    checked = res.stats.shadow_checked
+    assert checked == _steps_frozen_before_their_round(res, res.iterations)
+    assert len(checked) > res.iterations // 2          # the check is not vacuous
+
+
+@pytest.mark.parametrize("check_every,window", [(1, None), (3, None), (4, 10)])
+def test_the_shadow_stops_comparing_after_its_restart(check_every, window):
+    """Up to the round that found the mismatch the rule above holds; the restart then
+    freezes exact states only and the shadow is done."""
+    model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
+    res = dq.solve(model, chain, x_T, check_every=check_every, window=window)
+    bad = res.stats.serial_mismatch
+    assert bad is not None and bad in res.stats.shadow_checked
+    checked = [p for p in res.stats.shadow_checked if p <= bad]
+    assert checked == _steps_frozen_before_their_round(res, bad + 1)
+    # a batch of check_every rounds is compared whole at its read-back: nothing after it
+    assert max(res.stats.shadow_checked) < bad + check_every
+
+
+@pytest.mark.parametrize("check_every,window", [(1, None), (3, None), (1, 20)])
+def test_the_secant_refits_only_from_rounds_after_a_shadow_restart(check_every, window,
+                                                                    monkeypatch):
+    """The restart puts the serial states in and starts the window after them; the
+    secant's last round straddles that jump, so it is dropped (the slopes stay): the
+    first round after the restart refits no step, the next ones from new rounds only.
+    (Pinning the nfe of a restarting solve instead does not work: the stale pair costs
+    0 to 2 rounds here, within what the CPU's kernels move; issue #22.)"""
+    from deqir_fast.linearize import Linearization
+    events = []
+    real_refit, real_forget = Linearization._refit, Linearization.forget_rounds
+
+    def refit(self, lo, hi, U, E):
+        events.append(("refit", bool(self._seen[lo:hi].any())))
+        return real_refit(self, lo, hi, U, E)
+
+    def forget(self):
+        events.append(("forget", None))
+        return real_forget(self)
+    monkeypatch.setattr(Linearization, "_refit", refit)
+    monkeypatch.setattr(Linearization, "forget_rounds", forget)
+    model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
+    serial = dq.sample_serial(model, chain, x_T, return_states=True)
+    res = dq.solve(model, chain, x_T, check_every=check_every, window=window)
+    assert res.stats.serial_mismatch is not None and torch.equal(res.states, serial)
+    kinds = [k for k, _ in events]
+    assert kinds.count("forget") == 1
+    after = events[kinds.index("forget") + 1:]
+    assert after and after[0] == ("refit", False)          # nothing left to pair with
+    assert any(seen for _, seen in after[1:])               # then the new rounds pair up
