@@ -29,7 +29,7 @@ from deqir_fast.api import _prepare, initial_states
 # the catalogue (models, chains) lives in the package: `deqir-fast bench` needs it installed
 from deqir_fast.calibration import GREY, chains, load_folder
 from deqir_fast.calibration import load as load_bundled
-from deqir_fast.solvers import fixed_point_solve
+from deqir_fast.solvers import SolveOptions, fixed_point_solve
 
 RECORD_TOL = 1e-4
 HERE = Path(__file__).resolve().parent
@@ -68,9 +68,10 @@ def record(model, chain, x_T, max_iter=None, **solve_kw):
         t0 = time.perf_counter()
         # without the serial shadow (docs/design.md §3d): at RECORD_TOL a restart would
         # put its exact-freezing rounds into the traces the replay reads as a plain solve
-        _, stats = fixed_point_solve(system, X, tol=RECORD_TOL, floor=floor, max_iter=max_iter,
+        _, stats = fixed_point_solve(system, X, tol=RECORD_TOL, max_iter=max_iter,
                                      callback=callback, initial_nfe=init_nfe,
-                                     serial_shadow=False, **solve_kw)
+                                     options=SolveOptions(floor=floor, serial_shadow=False),
+                                     **solve_kw)
     return {"sigma": sigma.tolist(), "rounds": rounds, "seconds": time.perf_counter() - t0,
             "converged": stats.converged}
 

@@ -63,7 +63,7 @@ def main():
             serial = dq.sample_serial(model, chain, x_T, generator=gen())
             kw = {} if args.tol is None else dict(tol=args.tol)
             res = dq.solve(model, chain, x_T, generator=gen(), window=args.window,
-                           serial_shadow=not args.no_shadow, **kw)
+                           options=dq.SolveOptions(serial_shadow=not args.no_shadow), **kw)
             err = (res.x0 - serial).abs().max().item()
             conv += res.converged
             over += bool(res.converged and err >= 2 / 255)

@@ -24,7 +24,7 @@
    solve of the same rounds whose per-round overheads are printed apart (one-off costs
    such as a Triton compile show there, not in the table).
 4. --graphs (CUDA): ms per round of check_every=k rounds, eager against CUDA-graph replay
-   (``solve(..., check_every=k, cuda_graph=True)``), on the Gaussian-mixture denoiser.
+   (``solve(..., options=SolveOptions(check_every=k, cuda_graph=True))``), on the Gaussian-mixture denoiser.
 5. --memory: in a fresh process per configuration, the peak resident memory added by a
    solve (``ru_maxrss`` after minus before; every input, the model and its output
    included) at S=1000, 3x256x256, B=1, float32, in units of the stacked state
@@ -214,7 +214,7 @@ import os, resource, sys, json, torch
 import deqir_fast as dq
 from deqir_fast import operators as ops
 from deqir_fast.api import _prepare
-from deqir_fast.solvers import fixed_point_solve
+from deqir_fast.solvers import SolveOptions, fixed_point_solve
 S, solver, kind, rounds, lin = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 hd = None if sys.argv[6] == "-" else getattr(torch, sys.argv[6])
 shape = (3, 256, 256)
@@ -233,8 +233,8 @@ system, noise = _prepare(model, chain, x_T, None, gen)
 X = torch.randn((S, 1, *shape), generator=gen)
 import gc; gc.collect()
 before = rss()          # inputs (x_T, the noise draws, X) are counted in 'inputs' below
-extra = {} if hd is None else {"history_dtype": hd}
-fixed_point_solve(system, X, solver=solver, tol=0.0, max_iter=rounds, history=4, linearize=lin, **extra)
+fixed_point_solve(system, X, solver=solver, tol=0.0, max_iter=rounds, linearize=lin,
+                  options=SolveOptions(history=4, history_dtype=hd))
 peak = rss() - before
 state = X.numel() * 4
 print(json.dumps({"S": S, "solver": solver, "chain": kind, "rounds": rounds, "linearize": lin,
@@ -391,11 +391,12 @@ def bench_graphs(args, device, out_rows):
                 continue
             os.environ["DEQIR_FAST_BACKEND"] = backend
             backends.reset()
-            kw = dict(noise=noise, solver="picard", linearize=lin, tol=0.0, check_every=k)
+            kw = dict(noise=noise, solver="picard", linearize=lin, tol=0.0)
             runs = {}
             for graph in (False, True):
-                res = dq.solve(model, chain, x_T, cuda_graph=graph, **kw)      # warm-up
-                t = median_time(lambda: dq.solve(model, chain, x_T, cuda_graph=graph, **kw), args.repeats, sync)
+                opts = dq.SolveOptions(check_every=k, cuda_graph=graph)
+                res = dq.solve(model, chain, x_T, options=opts, **kw)      # warm-up
+                t = median_time(lambda: dq.solve(model, chain, x_T, options=opts, **kw), args.repeats, sync)
                 runs[graph] = (t / res.iterations, res)
             diff = float((runs[True][1].states - runs[False][1].states).abs().max())
             g = runs[True][1].stats

@@ -115,7 +115,7 @@ def test_serial_loop_ddim(benchmark, loop):
     model = bundled_model()
     unet = model.network
     scheduler = DDIMScheduler(clip_sample=False)
-    chain = dq.DDIM.from_diffusers(scheduler, 20, eta=0.0)
+    chain = dq.chain_from_diffusers(scheduler, 20, eta=0.0)
     x_T, noise = draw_noise(chain, (1, 3, 32, 32), torch.Generator().manual_seed(0))
     benchmark.group = "bundled-ddim-20-serial-loops"
 

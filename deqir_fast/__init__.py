@@ -10,10 +10,12 @@ __version__ = "0.1.0"
 # pipelines import diffusers (an optional extra) only when asked for.
 _ATTRIBUTES = {
     "SolveResult": ".api", "backward": ".api", "sample_serial": ".api", "solve": ".api",
+    "SolveOptions": ".solvers",
     "InitOptimization": ".optimize", "optimize_init": ".optimize",
     "Chain": ".chains", "DDIM": ".chains", "DDNM": ".chains", "DDRM": ".chains",
     "Schedule": ".schedules", "timesteps": ".schedules",
-    "DDPM": ".diffusers_compat", "sample_deq": ".k_diffusion",
+    "DDPM": ".diffusers_compat", "chain_from_diffusers": ".diffusers_compat",
+    "schedule_from_diffusers": ".diffusers_compat", "sample_deq": ".k_diffusion",
     "ParallelDDIMPipeline": ".pipelines", "ParallelDDPMPipeline": ".pipelines",
     "ParallelRestorationPipeline": ".pipelines",
 }
@@ -35,7 +37,9 @@ def __dir__():
     return sorted(set(globals()) | set(_ATTRIBUTES) | set(__all__))
 
 
-__all__ = ["Chain", "DDIM", "DDNM", "DDRM", "InitOptimization", "Schedule", "SolveResult",
+__all__ = ["Chain", "DDIM", "DDNM", "DDRM", "InitOptimization", "Schedule", "SolveOptions",
+           "SolveResult",
            "models", "operators", "optimize_init", "tasks",
            "backward", "sample_serial", "solve", "testing", "timesteps",
-           "DDPM", "diffusers_compat", "sample_deq"]
+           "DDPM", "chain_from_diffusers", "diffusers_compat", "sample_deq",
+           "schedule_from_diffusers"]

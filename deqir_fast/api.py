@@ -2,7 +2,7 @@
 whole chain as one fixed-point system, in parallel)."""
 from __future__ import annotations
 
-import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -12,53 +12,39 @@ import torch
 from ._checks import check_positive_int, check_tensor, state_dtype
 from .chains import Chain
 from .linearize import check_linearize
-from .solvers import FREEZE_RATIO, SolverStats, check_history_dtype, check_solver, fixed_point_solve
+from .solvers import SolveOptions, SolverStats, check_solver, fixed_point_solve
+from .solvers.options import DEFAULT_TOL, FIELDS as OPTION_FIELDS
 from .system import ChainSystem, Model
 
-# Default stopping rule: stop when every step has max|F(X)_i - X_i| <= TOL * max(σ_i, FLOOR).
-# Calibrated by `bench/calibrate.py` (bench/RESULTS.md §8, "The stopping rule") on 372 recorded
-# solves: the bundled UNet and photo16 (9 chains, S = 20 and 100) and 300 seeds of the
-# README's Gaussian-mixture problems. At TOL = 0.01 none ends over one grey level
-# (2/255; worst 8.4e-4); the first failures (mode selection on the mixture prior, 1.7
-# off) appear at 0.03, so 0.01 keeps a 3x margin. 3e-3 costs 0.4 more rounds on average.
-DEFAULT_TOL = 1e-2
-DEFAULT_FLOOR = 0.1
+DEFAULT_FLOOR = SolveOptions.floor     # the noise-unit floor of the last states
 DEFAULT_INIT = "auto"
 INITS = ("auto", "jump", "pinv", "x_T")
 # The initial guesses that cost one model call on B images (counted in nfe).
 INITS_WITH_MODEL_CALL = ("auto", "jump", "pinv")
 DEFAULT_SOLVER = "picard"
 DEFAULT_LINEARIZE = "secant"
-# Adjoint stopping rule, relative to max|dL/dx0|. Measured on DDIM-100 with the bundled
-# model (bench/HISTORY.md §4): 1e-3 stops after 12 adjoint rounds, 1e-8 runs all 100,
-# and both leave the same 1.8e-4 relative error against autograd through the serial
-# chain: the forward solve's tolerance dominates.
-DEFAULT_GRAD_TOL = 1e-3
 
 
 class _Handle:
-    """What a backward pass needs from a forward solve (kept by ``SolveResult``).
-    ``shard``: a sharded solve's ``distributed.GroupRef`` (its backward shards the adjoint
-    over the same group, which the handle holds only weakly), else None."""
+    """What a backward pass needs from a forward solve (kept by ``SolveResult``):
+    ``adjoint_kw``, the adjoint solve's settings (the forward solve's rule, window and
+    final J; ``tol`` = ``grad_tol``); ``shard``, a sharded solve's ``distributed.GroupRef``
+    (its backward shards the adjoint over the same group, which the handle holds only
+    weakly), else None."""
 
-    def __init__(self, system, X, x0, x_T, noise, params, solve_kw, shard=None):
+    def __init__(self, system, X, x0, x_T, noise, params, adjoint_kw, shard=None):
         self.system, self.X, self.x0, self.x_T, self.noise = system, X, x0, x_T, noise
         self.params = params
-        self.solve_kw = solve_kw
+        self.adjoint_kw = adjoint_kw
         self.shard = shard
 
-    def adjoint(self):
-        """The adjoint solver of this solve: ``gradients.adjoint_gradients``, or its
-        sharded version bound to the solve's process group."""
-        if self.shard is None:
-            from .gradients import adjoint_gradients
-            return adjoint_gradients
-        from .distributed import sharded_adjoint_gradients
-        return functools.partial(sharded_adjoint_gradients, process_group=self.shard.config())
-
-    def gradients(self, grad_x0, params=None):
-        return self.adjoint()(self.system, self.X, grad_x0, x_T=self.x_T, noise=self.noise,
-                              params=self.params if params is None else params, **self.solve_kw)
+    def gradients(self, grad_x0, params=None, **overrides):
+        from .gradients import adjoint_gradients
+        kw = dict(self.adjoint_kw, **overrides)
+        if self.shard is not None:
+            kw["process_group"] = self.shard.config()
+        return adjoint_gradients(self.system, self.X, grad_x0, x_T=self.x_T, noise=self.noise,
+                                 params=self.params if params is None else params, **kw)
 
 
 @dataclass
@@ -150,18 +136,13 @@ def sample_serial(model: Model, chain: Chain, x_T: torch.Tensor,
 GRADS = ("ift", "phantom", "unrolled")
 
 
-def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.Tensor] = None,
-          generator: Optional[torch.Generator] = None, solver: str = DEFAULT_SOLVER,
-          linearize: str = DEFAULT_LINEARIZE,
-          tol: float = DEFAULT_TOL, max_iter: Optional[int] = None, window: Optional[int] = None,
-          init=DEFAULT_INIT, floor: float = DEFAULT_FLOOR, freeze_ratio: float = FREEZE_RATIO,
-          history: int = 4, history_dtype: Optional[torch.dtype] = None,
-          anderson_reg: float = 1e-4, anderson_damping: float = 1.0,
-          callback: Optional[Callable[[dict], None]] = None, grad: str = "ift",
-          grad_tol: float = DEFAULT_GRAD_TOL, phantom_steps: int = 5, phantom_damping: float = 0.5,
-          check_every: int = 1, cuda_graph: bool = False, allow_tf32: bool = False,
-          process_group=None, serial_shadow: bool = True,
-          ) -> SolveResult:
+def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
+          noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+          solver: str = DEFAULT_SOLVER, linearize: str = DEFAULT_LINEARIZE,
+          tol: float = DEFAULT_TOL, window: Optional[int] = None, init=DEFAULT_INIT,
+          max_iter: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
+          grad: str = "ift", process_group=None, options: Optional[SolveOptions] = None,
+          **unknown) -> SolveResult:
     """Solve the whole sampling chain as one fixed-point system, in parallel.
 
     Each round evaluates ``model`` once on every active step's state (a batch of
@@ -182,18 +163,11 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             (J = (1-P)/Q, ParaDiGMS' update) or ``"none"`` (J = 0, DeqIR's map). The
             fixed point, and so the answer, is the same for every choice.
         tol: stop when every step has max|F(X)_i - X_i| / max(σ_i, floor) <= tol.
-        max_iter: rounds at most (default S).
         window: steps evaluated per round (sliding window; default all S). Steps
             entering it start on the chain from the last state with the last model
             output held (η = 0 chains; a copy of the last state otherwise), and a window
             with steps after it is accepted only at ``tol * freeze_ratio``
             (docs/design.md §3c).
-        floor: the residual of a nearly noise-free state is measured against
-            max(σ_i, floor), so the last states need not be exact to the last bit.
-        freeze_ratio: leading steps are frozen (and leave the window) once every step
-            before them has a residual <= tol * freeze_ratio. 1 freezes at tol itself,
-            as ParaDiGMS does; that locks in errors the chain then amplifies
-            (bench/RESULTS.md), hence the default 0.01.
         init: the initial guess of the stacked states: ``"auto"`` (the default:
             ``"pinv"`` for DDRM and DDNM, ``"jump"`` otherwise), ``"jump"`` (every state
             set to the one-step DDIM jump from x_T to its noise level; one extra model
@@ -203,38 +177,18 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             ``"jump"`` on the restoration chains), ``"x_T"`` (every state set to the
             initial state, as DeqIR does), or a previous ``states`` tensor
             [S, *x_T.shape] to warm-start from.
-        history, anderson_reg, anderson_damping: Anderson history size,
-            regularisation and damping.
-        history_dtype: keep Anderson's history in this dtype (e.g. ``torch.bfloat16``) as
-            differences between rounds, which shrink with the residual, so rounding them
-            does not stop the solve from reaching the serial answer: history 4 then holds
-            3.5 stacked float32 states instead of 8 (bench/RESULTS.md §13). None (the
-            default) keeps it in the state dtype.
+        max_iter: rounds at most (default S).
         callback: called after every round with a dict (iteration, window,
-            residuals, nfe, state: the live stacked iterate in the chain's basis;
-            read it, do not modify it).
+            residuals, nfe, state: the live stacked iterate in the chain's basis; read
+            it, do not modify it; a sharded solve adds rank and block).
         grad: when ``x_T`` or the chain's ``y`` requires grad, ``res.x0`` is
             differentiable: ``"ift"`` solves the adjoint (upper-triangular) system in
-            parallel rounds of one batched vector–Jacobian product (to ``grad_tol``,
-            relative to max|dL/dx0|); ``"phantom"`` backpropagates through
-            ``phantom_steps`` damped rounds X <- (1-τ)X + τF(X) from the solution
-            (τ = ``phantom_damping``; cheap, approximate); ``"unrolled"`` through the
-            serial chain (the reference; S model calls with a graph). The model's
-            parameters that require grad receive gradients too.
-        check_every: read the residuals back (the solver's one host synchronisation)
-            once every k rounds; between reads the window and the freeze rule stay on
-            the device. 1 (the default) reads every round. k > 1 re-evaluates frozen
-            steps until the next read (counted in ``nfe``); S rounds still reach the
-            serial answer.
-        cuda_graph: on CUDA with ``check_every`` > 1 and the Picard solver, replay the
-            rounds between two reads from a captured CUDA graph (falls back to eager
-            rounds when the model cannot be captured; ``res.stats.graph_rounds``).
-        allow_tf32: let the model's float32 matmuls and convolutions use TF32 on CUDA.
-            Off by default: TF32 makes the model's output depend on the batch it runs
-            in, and the chain amplifies that past one grey level (H200, DDIM-100:
-            1.2e-2 from serial with TF32, 2.9e-4 without; bench/RESULTS.md §11), so
-            ``converged`` could not promise the serial answer. The flags are set only
-            inside the model calls and restored after.
+            parallel rounds of one batched vector–Jacobian product (to
+            ``options.grad_tol``, relative to max|dL/dx0|); ``"phantom"`` backpropagates
+            through ``options.phantom_steps`` damped rounds from the solution (cheap,
+            approximate); ``"unrolled"`` through the serial chain (the reference; S model
+            calls with a graph). The model's parameters that require grad receive
+            gradients too.
         process_group: shard the steps across the ranks of a ``torch.distributed``
             group (gloo on CPU, nccl on CUDA; e.g. under ``torchrun``): each rank runs the
             model on its block of the window and exchanges O(1) states per round
@@ -242,87 +196,93 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, noise: Optional[torch.T
             arguments and gets the same result (x0, states, stats; the rank's own
             accounting in ``res.stats.sharding``). A ``ShardConfig`` sets the timeout
             and rebalancing. An error on any rank raises ``ShardError`` on every rank.
-        serial_shadow: run the serial sampler alongside, one step per round inside the
-            round's model call (one more step evaluation per round, counted in ``nfe``),
-            and compare its state with the solve's wherever it reaches a step that is
-            already frozen (docs/design.md §3d). A frozen state more than ``tol`` noise
-            units off means the chain amplifies what the freeze rule accepts past what
-            ``converged`` may promise (DDNM with η = 0 on a sharp mixture prior: up to
-            0.13 off serial without it): the solve restarts after the shadow's step and
-            freezes exact states only (``res.stats.serial_mismatch`` names the step),
-            within S rounds in all. Steps beyond the rounds run are not checked. The
-            states it compared are returned as its serial ones. Off (or
-            ``tol * freeze_ratio == 0``, where every frozen state is exact already): no
-            shadow.
+        options: the expert knobs, a ``SolveOptions`` (floor, freeze_ratio,
+            serial_shadow, the Anderson rules' history, check_every, cuda_graph,
+            allow_tf32, grad_tol, ...), each documented there; None: the defaults.
     """
-    check_solver(solver)
-    check_linearize(linearize)
-    if grad not in GRADS:
-        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if not (isinstance(freeze_ratio, (int, float)) and 0 <= freeze_ratio <= 1):
-        raise ValueError(f"freeze_ratio must be a number in [0, 1], got {freeze_ratio!r}")
-    if not (isinstance(floor, (int, float)) and floor > 0):
-        raise ValueError(f"floor must be a number > 0, got {floor!r}")
-    check_positive_int("max_iter", max_iter, allow_none=True)
-    check_positive_int("window", window, allow_none=True)
-    check_positive_int("history", history)
-    check_history_dtype(history_dtype)
-    if history_dtype is not None and process_group is not None:
-        raise ValueError("history_dtype is not supported with process_group (the sharded "
-                         "solve keeps its Anderson history in the state dtype)")
-    check_positive_int("check_every", check_every)
-    if not isinstance(serial_shadow, bool):
-        raise TypeError(f"serial_shadow must be True or False, got {serial_shadow!r}")
+    options = _check_arguments(solver, linearize, grad, tol, max_iter, window, process_group,
+                               options, unknown)
     start = time.perf_counter()
-    system, noise = _prepare(model, chain, x_T, noise, generator, allow_tf32=allow_tf32)
-    u0 = system.coeffs.u0
-    S = chain.num_steps
-    extra_nfe = 0
+    system, noise = _prepare(model, chain, x_T, noise, generator, allow_tf32=options.allow_tf32)
     with torch.no_grad():
-        if isinstance(init, str):
-            X, extra_nfe = initial_states(system, init)
-        else:
-            check_tensor("init", init, shape=(S, *x_T.shape))
-            X = chain.to_basis(init.detach().to(u0).flatten(0, 1)).view(S, *u0.shape).clone()
-        solve_kw = dict(solver=solver, history=history, anderson_reg=anderson_reg,
-                        anderson_damping=anderson_damping)
-        if history_dtype is not None:
-            solve_kw["history_dtype"] = history_dtype
+        X, extra_nfe = _initial_guess(system, init, x_T)
+        engine = shard = None
         if process_group is not None:
-            from .distributed import sharded_fixed_point_solve
-            solve_fn = functools.partial(sharded_fixed_point_solve, process_group=process_group)
-        else:
-            solve_fn = fixed_point_solve
-        X, stats = solve_fn(system, X, linearize=linearize, tol=float(tol),
-                            floor=float(floor), freeze_ratio=float(freeze_ratio),
-                            max_iter=max_iter, window=window,
-                            callback=callback, initial_nfe=extra_nfe,
-                            check_every=check_every, cuda_graph=bool(cuda_graph),
-                            serial_shadow=serial_shadow, **solve_kw)
+            from .distributed import GroupRef, ShardedEngine, resolve
+            cfg = resolve(process_group)
+            engine, shard = ShardedEngine(cfg), GroupRef(cfg)
+        X, stats = fixed_point_solve(system, X, solver=solver, linearize=linearize,
+                                     tol=float(tol), max_iter=max_iter, window=window,
+                                     callback=callback, options=options,
+                                     initial_nfe=extra_nfe, engine=engine)
         lin = stats.linearization
-        solve_kw.update(linearize=linearize, window=window,
-                        forward_jacobian=lin.jacobian if lin.active else None)
         states = chain.from_basis(X.flatten(0, 1)).view_as(X)
     params = [p for p in getattr(model, "parameters", lambda: [])() if p.requires_grad]
-    shard = None
-    if process_group is not None:         # its backward shards the adjoint the same way
-        from .distributed import GroupRef, resolve
-        shard = GroupRef(resolve(process_group))
-    handle = _Handle(system, X, states[-1], x_T, noise, params, dict(solve_kw, tol=grad_tol),
-                     shard=shard)
+    adjoint_kw = dict(solver=solver, linearize=linearize, window=window, tol=options.grad_tol,
+                      forward_jacobian=lin.jacobian if lin.active else None,
+                      options=_adjoint_options(options))
+    handle = _Handle(system, X, states[-1], x_T, noise, params, adjoint_kw, shard=shard)
     x0 = states[-1]
     y = getattr(chain, "y", None)
     if torch.is_grad_enabled() and (x_T.requires_grad or (y is not None and y.requires_grad)):
-        x0 = _differentiable_x0(handle, model, chain, grad, phantom_steps, phantom_damping)
+        x0 = _differentiable_x0(handle, model, chain, grad, options)
     return SolveResult(x0=x0, states=states, iterations=stats.iterations,
                        nfe=stats.nfe, converged=stats.converged,
                        residuals=stats.residual_trace, seconds=time.perf_counter() - start,
                        stats=stats, handle=handle)
 
 
-def _differentiable_x0(handle: _Handle, model, chain, grad, phantom_steps, phantom_damping):
+def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_group, options,
+                     unknown) -> SolveOptions:
+    """``solve``'s argument checks, before any work; returns the options to use."""
+    if unknown:
+        expert = [k for k in unknown if k in OPTION_FIELDS]
+        if expert:
+            shown = ", ".join(f"{k}={unknown[k]!r}" for k in expert)
+            raise TypeError(f"{', '.join(expert)} {'is an' if len(expert) == 1 else 'are'} "
+                            f"expert option{'s' if len(expert) > 1 else ''} of solve: pass "
+                            f"options=deqir_fast.SolveOptions({shown})")
+        raise TypeError(f"solve() got unexpected keyword argument(s) {sorted(unknown)}")
+    options = SolveOptions() if options is None else options
+    if not isinstance(options, SolveOptions):
+        raise TypeError(f"options must be a deqir_fast.SolveOptions, got {type(options).__name__}")
+    check_solver(solver)
+    check_linearize(linearize)
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol)
+            and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    check_positive_int("max_iter", max_iter, allow_none=True)
+    check_positive_int("window", window, allow_none=True)
+    if process_group is not None:
+        if options.history_dtype is not None:
+            raise ValueError("history_dtype is not supported with process_group (the sharded "
+                             "solve keeps its Anderson history in the state dtype)")
+        if options.check_every != 1 or options.cuda_graph:
+            raise ValueError("a sharded solve reads the residuals every round: check_every "
+                             "must be 1 and cuda_graph False with process_group")
+    return options
+
+
+def _initial_guess(system, init, x_T):
+    """(stacked initial states in the chain's basis, the model calls they cost)."""
+    if isinstance(init, str):
+        return initial_states(system, init)
+    S, u0 = system.num_steps, system.coeffs.u0
+    check_tensor("init", init, shape=(S, *x_T.shape))
+    return system.chain.to_basis(init.detach().to(u0).flatten(0, 1)).view(S, *u0.shape).clone(), 0
+
+
+def _adjoint_options(options: SolveOptions) -> SolveOptions:
+    """The adjoint solve's options: the forward solve's update rule settings, floor 1
+    (the adjoint states have no noise level), the loop's other defaults."""
+    return SolveOptions(floor=1.0, history=options.history, anderson_reg=options.anderson_reg,
+                        anderson_damping=options.anderson_damping,
+                        history_dtype=options.history_dtype, rule_options=options.rule_options)
+
+
+def _differentiable_x0(handle: _Handle, model, chain, grad, options: SolveOptions):
     from .gradients import _ImplicitX0
     x_T = handle.x_T
     y = getattr(chain, "y", None)
@@ -334,7 +294,7 @@ def _differentiable_x0(handle: _Handle, model, chain, grad, phantom_steps, phant
         ref = sample_serial(model, chain, x_T, noise=handle.noise,
                             allow_tf32=handle.system.allow_tf32)
     else:
-        check_positive_int("phantom_steps", phantom_steps)
+        phantom_steps, phantom_damping = options.phantom_steps, options.phantom_damping
         with torch.enable_grad():
             coeffs = chain.coefficients(x_T.to(handle.X.dtype), handle.noise)
             system = ChainSystem(model, chain, coeffs, allow_tf32=handle.system.allow_tf32)
@@ -362,15 +322,13 @@ def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
         raise TypeError("result must be the SolveResult of deqir_fast.solve")
     h = result.handle
     check_tensor("grad_x0", grad_x0, shape=tuple(h.x0.shape))
-    kw = dict(h.solve_kw)
-    if tol is not None:
-        kw["tol"] = float(tol)
-    adjoint_gradients = h.adjoint()                # sharded for a sharded solve
+    overrides = {} if tol is None else {"tol": float(tol)}
     x_T = h.x_T.detach().requires_grad_(True)
     y = getattr(h.system.chain, "y", None)
     y = None if y is None else y.detach().requires_grad_(True)
-    out = adjoint_gradients(h.system, h.X, grad_x0, x_T=x_T, noise=h.noise, y=y,
-                            params=h.params if params else [], **kw)
+    # the handle's own settings (sharded over the solve's group for a sharded solve)
+    h_in = _Handle(h.system, h.X, h.x0, x_T, h.noise, h.params, h.adjoint_kw, shard=h.shard)
+    out = h_in.gradients(grad_x0, params=h.params if params else [], y=y, **overrides)
     if params:
         for p, g in zip(h.params, out["params"]):
             if g is not None:

@@ -221,12 +221,13 @@ class DDIM(Chain):
         return self.eta > 0
 
     @classmethod
-    def from_diffusers(cls, scheduler, num_inference_steps=None, eta=None) -> "Chain":
-        """The chain that steps exactly as a diffusers ``DDIMScheduler`` (with ``eta``,
-        default 0) or ``DDPMScheduler`` (a ``DDPM`` chain) after
-        ``set_timesteps(num_inference_steps)``; see ``deqir_fast.diffusers_compat``."""
-        from .diffusers_compat import chain_from_diffusers
-        return chain_from_diffusers(scheduler, num_inference_steps, eta)
+    def from_diffusers(cls, *args, **kwargs):
+        """Moved to ``dq.chain_from_diffusers(scheduler, num_inference_steps, eta)``
+        (``deqir_fast.diffusers_compat``): the maths does not import the adapters
+        (issue #23). Raises AttributeError."""
+        raise AttributeError("DDIM.from_diffusers moved: use dq.chain_from_diffusers(scheduler, "
+                             "num_inference_steps, eta) (deqir_fast.diffusers_compat."
+                             "chain_from_diffusers)")
 
     def kernel_spec(self):
         if type(self) is not DDIM:

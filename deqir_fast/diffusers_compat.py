@@ -1,7 +1,7 @@
 """Schedules, chains and noise that reproduce diffusers' serial samplers exactly.
 
-``chain_from_diffusers(scheduler, num_inference_steps, eta)`` (also reached as
-``dq.DDIM.from_diffusers`` and ``dq.Schedule.from_diffusers`` for the schedule alone)
+``chain_from_diffusers(scheduler, num_inference_steps, eta)`` (``dq.chain_from_diffusers``;
+``schedule_from_diffusers``, ``dq.schedule_from_diffusers``, for the schedule alone)
 turns a diffusers ``DDIMScheduler`` or ``DDPMScheduler`` (or its config, e.g. a
 ``scheduler_config.json`` loaded as a dict) into a chain that steps exactly as the
 scheduler's ``step`` does, as of diffusers 0.42:
@@ -15,7 +15,8 @@ scheduler's ``step`` does, as of diffusers 0.42:
   "fixed_small", "fixed_small_log" or "fixed_large"; it draws noise only where t > 0;
 - ``prediction_type`` "sample" / "v_prediction": the chain stays the eps chain; the
   model's output is turned into eps by ``EpsModel(..., prediction_type=, schedule=)``
-  (``eps_model`` below), eps = (x - sqrt(ᾱ) x0)/sqrt(1-ᾱ) or sqrt(ᾱ) v + sqrt(1-ᾱ) x,
+  (``deqir_fast.models.eps_model``), eps = (x - sqrt(ᾱ) x0)/sqrt(1-ᾱ) or
+  sqrt(ᾱ) v + sqrt(1-ᾱ) x,
   and the chain's coefficients are those of diffusers' own step on (x, model output)
   (x0 and eps each taken from the output as diffusers takes them) composed with that
   conversion, so that the two together do diffusers' arithmetic (``_eps_form``);
@@ -35,6 +36,8 @@ diffusers pipelines draw them (x_T first, then one draw per noisy step), so that
 ``solve(model, chain, x_T, noise=noise)`` returns the serial pipeline's image.
 
 diffusers itself is never imported here: a scheduler is read through its ``config``.
+This module sits above the chains (docs/design.md §7): the chains and schedules do not
+import it, and the model adapters (``models``) import it, not the other way round.
 """
 from __future__ import annotations
 
@@ -212,10 +215,14 @@ def _check_zero_snr_timesteps(cfg: Mapping, ts: np.ndarray) -> None:
 
 
 def schedule_from_diffusers(scheduler) -> Schedule:
-    """The ``Schedule`` (ᾱ_t, t = 0..T-1) of a diffusers scheduler or scheduler config.
+    """The ``Schedule`` (ᾱ_t, t = 0..T-1) of a diffusers scheduler or scheduler config
+    (``dq.schedule_from_diffusers``).
 
     A scheduler object's own ``alphas_cumprod`` is taken (the float32 values it steps
-    with, held in float64); a config (mapping) is evaluated as diffusers does."""
+    with, held in float64); a config (mapping, e.g. a loaded ``scheduler_config.json``) is
+    evaluated as diffusers does: ``beta_schedule`` as the config's class accepts it
+    (DDIMScheduler: linear, scaled_linear, squaredcos_cap_v2; DDPMScheduler also laplace
+    and sigmoid) or ``trained_betas``; ``rescale_betas_zero_snr`` makes the last ᾱ 0."""
     kind, cfg = _read(scheduler)
     if not isinstance(scheduler, Mapping) and isinstance(getattr(scheduler, "alphas_cumprod", None),
                                                         torch.Tensor):
@@ -428,7 +435,7 @@ class DDPM(Chain):
 
     Like diffusers, no noise is drawn at a step with t = 0 (``noise_draws``).
     ``coefficient_dtype``: the precision of the per-step scalars; float32 (what
-    ``from_diffusers`` uses) repeats the scheduler's float32 arithmetic, float64 (the
+    ``chain_from_diffusers`` uses) repeats the scheduler's float32 arithmetic, float64 (the
     default) is the exact DDPM."""
 
     def __init__(self, schedule: Schedule, timesteps, variance: str = "fixed_small",
@@ -481,7 +488,8 @@ def chain_from_diffusers(scheduler, num_inference_steps: Optional[int] = None,
     - ``DDPMScheduler``: a ``DDPM`` chain; ``eta`` must be None or 1 (DDPM is ancestral).
     ``num_inference_steps=None`` takes the scheduler's current ``set_timesteps`` setting.
     The chain's ``prediction_type`` says how to read the model's output (see
-    ``eps_model``); its ``noise_draws`` which steps draw noise in the serial loop.
+    ``deqir_fast.models.eps_model``); its ``noise_draws`` which steps draw noise in the
+    serial loop. ``dq.chain_from_diffusers`` is this function.
     Raises a TypeError for a subclass that overrides a method the serial loop runs, and a
     ValueError for settings the chain cannot reproduce (each message says why), among them
     ``rescale_betas_zero_snr`` where a step runs the model at ᾱ = 0.
@@ -549,15 +557,6 @@ def to_eps(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: Schedu
     return sa * out + s1 * x                                     # v_prediction
 
 
-def eps_model(network, scheduler, max_batch: Optional[int] = None):
-    """``EpsModel(network)`` reading the scheduler's ``prediction_type`` (eps from
-    "sample" or "v_prediction" outputs) and schedule."""
-    from .models import EpsModel
-    _, cfg = _read(scheduler)
-    return EpsModel(network, max_batch=max_batch, prediction_type=cfg["prediction_type"],
-                    schedule=schedule_from_diffusers(scheduler))
-
-
 def _randn(shape, generator, device, dtype):
     """diffusers' ``randn_tensor`` for CPU/same-device generators (a list of generators:
     one draw per batch element)."""
@@ -592,3 +591,10 @@ def draw_noise(chain: Chain, shape, generator=None, device=None, dtype=torch.flo
         if bool(draws[i]):
             noise[i] = randn(shape, generator, device, dtype)
     return x_T, noise
+
+
+def __getattr__(name):
+    if name == "eps_model":                  # moved (issue #23): models imports this module
+        raise AttributeError("deqir_fast.diffusers_compat.eps_model moved: use "
+                             "deqir_fast.models.eps_model(network, scheduler, max_batch)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,11 @@
 """Step sharding across processes with torch.distributed (docs/design.md §6, issue #14).
 
-``solve(..., process_group=pg)`` runs ``sharded_fixed_point_solve`` below instead of
-``solvers.fixed_point_solve``: the same rounds, decisions and result, with the active
-window's steps split into contiguous blocks, one per rank.
+``solve(..., process_group=pg)`` runs the one solver loop (``solvers.FixedPointLoop``)
+with ``ShardedEngine`` below instead of the single-process engine: the loop takes every
+decision (freeze, stop, guards, the serial shadow, window slide) on the residual row the
+engine gathers, so the rounds, decisions and result are the single-process solve's; the
+engine splits the active window's steps into contiguous blocks, one per rank, and only
+computes and communicates.
 
 A round on rank k, block [a, b) of the window [lo, hi):
 
@@ -11,37 +14,40 @@ A round on rank k, block [a, b) of the window [lo, hi):
    block's scan from its *old* carry U_0: F_i(U_0) and the residuals, with the system's
    own round (``ChainSystem.round_and_residuals``, the fused kernel where there is one).
 2. The scan is elementwise affine in the carry: F_i(c) = F_i(U_0) + A_i ⊙ (c - U_0) with
-   A_i = Π_{j<=i} (P_j + Q_j J_j). Every rank all-gathers its block's (A_last, G_last),
-   G_last = F_last(U_0) - X_old[b-1]: two states per rank, not the window. The carry
-   correction δ = c - U_0 then follows by an exclusive scan over the ranks before k,
-   δ_{k+1} = G_k + A_k ⊙ δ_k, δ = 0 for the first block (its carry is frozen, exact).
-   Working with δ rather than c keeps the composition's rounding on a quantity that
-   vanishes at convergence, so the result matches the single-process solve to rounding
-   of the corrections, not of the states; the first block is bit-for-bit the same.
+   A_i = Π_{j<=i} (P_j + Q_j J_j) (``system.step_slopes``). Every rank all-gathers its
+   block's (A_last, G_last), G_last = F_last(U_0) - X_old[b-1]: two states per rank, not
+   the window. The carry correction δ = c - U_0 then follows by an exclusive scan over
+   the ranks before k, δ_{k+1} = G_k + A_k ⊙ δ_k, δ = 0 for the first block (its carry is
+   frozen, exact). Working with δ rather than c keeps the composition's rounding on a
+   quantity that vanishes at convergence, so the result matches the single-process solve
+   to rounding of the corrections, not of the states; the first block is bit-for-bit the
+   same.
 3. F = F(U_0) + A ⊙ δ, residuals of the block; one all-gather of the per-step residual
-   row (S floats, padded) with a status flag: the round's one host read. Every rank then
-   takes the single-process solver's decisions (freeze, stop, guard, divergence restart,
-   window slide) on the same row.
-4. The update on the block: Picard X <- F; Anderson mixes per step with a history ring
-   laid out like ``ops.anderson.AndersonRing`` (absolute steps, so a step can move to
-   another rank with its history); triangular Anderson needs the prefix sum of the Gram
-   matrices over the window's steps before its block: an exclusive scan of the blocks'
-   [B, m, m] sums (all-gathered, tiny).
+   row (the largest block's length, plus the shadow's verdict and a status flag): the
+   round's one host read. The loop then
+   decides on that row, alike on every rank.
+4. The update rule runs on each block (every rank calls it, with an empty block where it
+   has no steps): Picard X <- F; Anderson mixes per step with its history ring
+   (``ops.anderson.AndersonRing``, rows by absolute step, so a step can move to another
+   rank with its history); triangular Anderson needs the prefix sum of the Gram matrices
+   over the window's steps before its block: ``RoundContext.prefix``, an exclusive scan of
+   the blocks' [B, m, m] sums (all-gathered, tiny). A user-registered rule runs the same
+   way (``solvers.rules``).
 5. The window slides. ``rebalance`` (the default) keeps the active window evenly split,
    since steps freeze front to back and a static split leaves the first ranks idle: a
    rank whose block froze whole takes the steps entering at the back of a sliding
    window (so blocks follow the step order, not the rank order, and the scans above
    run in step order), and when the largest block still exceeds an even split's the
    boundaries move, the steps that change rank carrying their state, secant history
-   and Anderson history along (point-to-point). Every rank then receives the state
+   and the rule's history along (point-to-point). Every rank then receives the state
    before its block (the next round's U_0). ``rebalance=False``: a static split of the
    S steps, for comparison (bench/sharding.py).
 
-Gradients: the implicit-gradient backward of a sharded solve (``grad="ift"``, i.e.
-``res.x0.backward()`` on every rank) solves the adjoint system sharded the same way
-(``sharded_adjoint_gradients``; the parameters' VJPs are split over the ranks and summed).
-``deqir_fast.backward(result, ...)`` is not sharded: it runs the single-process adjoint
-on every rank (correct, since every rank holds all the states).
+Gradients: the backward of a sharded solve (``grad="ift"``, i.e. ``res.x0.backward()`` on
+every rank, and ``deqir_fast.backward(result, ...)``) solves the adjoint system sharded the
+same way (``gradients.adjoint_gradients(..., process_group=)`` with this engine; the
+parameters' VJPs are split over the ranks and summed, ``sharded_param_grads``). The result
+holds its group weakly (``GroupRef``): run the backward before ``destroy_process_group``.
 
 Data layout: every rank keeps a full-size [S, B, ...] buffer of states (like the
 single-process solver; the model calls, scans and history are what is sharded), valid
@@ -66,13 +72,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ._checks import raise_nonfinite
 from .ops import step_residuals
-from .ops.anderson import AndersonRing, anderson_weights
-from .solvers import (FREEZE_RATIO, SOLVERS, Anderson, Picard, SerialShadow, SolverStats,
-                      TriangularAnderson, begin_exact_restart, check_solver, enter_steps,
-                      guard_tripped, note_deviation, record_round, shadow_applies,
-                      steps_to_freeze, switch_off_jacobian)
+from .solvers import RoundContext, enter_steps
 
 DEFAULT_TIMEOUT = 300.0          # seconds a collective may wait for the slowest peer
 
@@ -299,364 +300,348 @@ def _max_block(parts) -> int:
     return max(b - a for a, b in parts)
 
 
-# -- the solve ----------------------------------------------------------------------------
+# -- the engine ---------------------------------------------------------------------------
 
-class _Ring(AndersonRing):
-    """``AndersonRing`` with a mix that can take the prefix Gram sum of the window's
-    steps before the block (triangular Anderson across ranks) and a push that only
-    advances the history (a rank with no steps this round keeps the slot count of its
-    peers, so every rank agrees on which slot is which entry)."""
+class ShardedEngine:
+    """The round engine of a sharded solve (``solvers.loop.FixedPointLoop`` takes every
+    decision; this class only computes and communicates, see the module docstring). Each
+    rank evaluates its block [a, b) of the window, the blocks' carries are corrected by an
+    exclusive scan of their affine maps, and the residual row is gathered (the round's one
+    host read); the update rule runs on each block, its cross-block sums through
+    ``RoundContext.prefix``."""
 
-    def skip(self):
-        self.count += 1
+    batched = False
 
-    def mix_with(self, lo, hi, *, reg, damping, prefix, offset_fn, out):
-        """As ``AndersonRing.mix``; with ``prefix``, ``offset_fn(block_sum)`` returns the
-        sum of the masked Gram matrices of the window's steps before ``lo``."""
-        slots = self.held()
-        segs = self._segments(lo, hi)
-        if len(slots) == 1:
-            if prefix:
-                offset_fn(None)                  # keep the collective in step with peers
-            p = slots[0]
-            for w, r, n in segs:
-                torch.add(self.X[p, r:r + n], self.G[p, r:r + n], alpha=damping, out=out[w:w + n])
-            return out
-        H, valid, vd = self.masked_gram(lo, hi, slots, segs)
-        if prefix:
-            # cumsum from the exclusive prefix of the earlier blocks: the first row adds
-            # the offset, then the block's own steps in order, as the single process does
-            H = H.clone()
-            H[0] += offset_fn(H.sum(0))
-            H = H.cumsum(0)
-        alpha = anderson_weights(H, vd, reg=reg, prefix=False).to(self.X.dtype)
-        return self.apply_weights(alpha, valid, vd, slots, segs, damping, out)
+    def __init__(self, cfg: ShardConfig):
+        self.cfg = cfg
 
+    # -- set-up and bookkeeping ----------------------------------------------------------------
+    def bind(self, loop) -> None:
+        cfg, X, system = self.cfg, loop.X, loop.system
+        if loop.options.check_every != 1 or loop.options.cuda_graph:
+            raise ValueError("a sharded solve reads the residuals every round: check_every "
+                             "must be 1 and cuda_graph False with process_group")
+        if loop.options.history_dtype is not None:
+            raise ValueError("history_dtype is not supported with process_group (the sharded "
+                             "solve keeps its Anderson history in the state dtype)")
+        check_device(cfg.group, X.device)
+        self.fused = callable(getattr(system, "round_and_residuals", None))
+        self.sst = sst = ShardStats()
+        loop.stats.sharding = sst
+        self.comm = comm = _Comm(cfg.group, cfg.timeout, sst)
+        self.R, self.me = comm.size, comm.rank
+        sst.rank, sst.world = self.me, self.R
+        self.t_start = time.perf_counter()
+        self.item = X[0]
+        self.n_state = self.item.numel()
+        self._check_same_inputs(loop)
+        if hasattr(loop.lin, "reserve_history"):
+            # a rank that receives steps before its own first model call has somewhere
+            # to put their secant history
+            loop.lin.reserve_history(self.item)
+        S, R = loop.S, self.R
+        self.rows = max(1, (-(-loop.w // R)) if cfg.rebalance else
+                        min(loop.w, _max_block(even_split(0, S, R))))
+        self.final_owner = torch.zeros(S, dtype=torch.int64)   # host: who holds step s at the end
+        self.parts = self.split(0, loop.hi, S)
+        self.keep_last = loop.w < S and hasattr(system, "extend")
+        self.FX = self.e_last = self.carries = self.marks = None
 
-def _step_slopes(system, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
-    """M_i = P_i + Q_i J_i for steps a..b-1, broadcastable to [b-a, B, ...]: the slope of
-    each step's linearised update in its input (what the carry correction composes)."""
-    J = lin.jacobian(a, b)
-    if not hasattr(system, "coeffs"):
-        # the adjoint: A_r = P'_r A_{r-1} + E_r + J_r (A_{r-1} - U_r), i.e. Q = 1
-        P = system.P[a:b]
-        return P if J is None else P + J
-    if system.spec is not None:
-        from .ops.fused_round import window_coefficients
-        P, Q, _, _, _ = window_coefficients(system.spec.sampler,
-                                            system._table[a:b].to(like.dtype), system._s,
-                                            like.dim() - 2)
-    else:
-        P, Q = system.coeffs.P[a:b], system.coeffs.Q[a:b]
-    return P if J is None else P + Q * J
+    def _check_same_inputs(self, loop) -> None:
+        """Same inputs on every rank, or the ranks would solve different chains: compare a
+        fingerprint of the initial guess, the chain's first state, and the noise and ȳ
+        (with generator=None each rank would draw its own noise)."""
+        X, system = loop.X, loop.system
+        carry0 = system.carry(X, 0)
+        coeffs = getattr(system, "coeffs", None)
+        drawn = [t for t in (getattr(coeffs, "noise", None), getattr(coeffs, "ybar", None))
+                 if isinstance(t, torch.Tensor)]
+        fp = torch.stack([X.to(torch.float64).sum(), X.to(torch.float64).abs().sum(),
+                          carry0.to(torch.float64).sum(),
+                          *[t.detach().to(torch.float64).abs().sum().to(X.device) for t in drawn]
+                          ]).to(X.device)
+        fps = self.comm.all_gather(fp, "input check").to("cpu")
+        if not bool((fps == fps[0]).all()):
+            raise ValueError("x_T, noise or the initial guess differ across ranks: every rank "
+                             "must call solve with the same inputs (same seed / generator)")
 
+    def split(self, lo: int, hi: int, S: int):
+        return even_split(lo, hi, self.R) if self.cfg.rebalance else static_split(lo, hi, S, self.R)
 
-def sharded_fixed_point_solve(system, X: torch.Tensor, process_group, *, solver: str = "picard",
-                              linearize: str = "secant", tol: float = 3e-3, floor: float = 0.1,
-                              max_iter: Optional[int] = None, window: Optional[int] = None,
-                              freeze_ratio: float = FREEZE_RATIO,
-                              callback: Optional[Callable] = None, initial_nfe: int = 0,
-                              check_every: int = 1, cuda_graph: bool = False,
-                              serial_shadow: bool = True, **options):
-    """``solvers.fixed_point_solve`` with the steps sharded over ``process_group`` (a
-    ProcessGroup or a ``ShardConfig``). X [S, B, ...] must hold the same initial guess on
-    every rank. Returns (X, stats) with every state filled in on every rank;
-    ``stats.sharding`` is this rank's ``ShardStats``."""
-    cfg = resolve(process_group)
-    if check_every != 1 or cuda_graph:
-        raise ValueError("a sharded solve reads the residuals every round: check_every must "
-                         "be 1 and cuda_graph False with process_group")
-    fused = callable(getattr(system, "round_and_residuals", None))
-    check_device(cfg.group, X.device)
-    update_cls = SOLVERS[check_solver(solver)]
-    if update_cls not in (Picard, Anderson, TriangularAnderson):
-        raise NotImplementedError(f"solver {solver!r} has no sharded implementation "
-                                  "(picard, anderson and triangular_anderson do)")
-    upd = update_cls(**options)
-    anderson = isinstance(upd, Anderson)
-    prefix = bool(getattr(upd, "prefix", False))
+    def context(self, loop, lo: int, hi: int, prefix=None) -> RoundContext:
+        a, b = self.parts[self.me]
+        return RoundContext(lo, hi, a, b, rows=self.rows, like=self.item, prefix=prefix)
 
-    sst = ShardStats()
-    comm = _Comm(cfg.group, cfg.timeout, sst)
-    R, me = comm.size, comm.rank
-    sst.rank, sst.world = me, R
-    t_start = time.perf_counter()
+    def _round_mark(self) -> None:
+        """Close the last round's per-round accounting (``ShardStats.round_*``)."""
+        if self.marks is not None:
+            _mark(self.sst, self.marks)
+        self.marks = None
 
-    lin = system.linearization(linearize)
-    S = system.num_steps
-    max_iter = S if max_iter is None else max_iter
-    w = S if window is None else min(window, S)
-    scale = system.residual_scale(floor)
-    scale_dev = scale.to(X.device)
-    item = X[0]
-    n_state = item.numel()
-    esz = item.element_size()
-
-    # Same inputs on every rank, or the ranks would solve different chains: compare a
-    # fingerprint of the initial guess and the chain's first state once.
-    carry0 = system.coeffs.u0 if fused else system.carry0
-    # the noise and ȳ too: with generator=None each rank would draw its own noise
-    coeffs = getattr(system, "coeffs", None)
-    drawn = [t for t in (getattr(coeffs, "noise", None), getattr(coeffs, "ybar", None))
-             if isinstance(t, torch.Tensor)]
-    fp = torch.stack([X.to(torch.float64).sum(), X.to(torch.float64).abs().sum(),
-                      carry0.to(torch.float64).sum(),
-                      *[t.detach().to(torch.float64).abs().sum().to(X.device) for t in drawn]
-                      ]).to(X.device)
-    fps = comm.all_gather(fp, "input check").to("cpu")
-    if not bool((fps == fps[0]).all()):
-        raise ValueError("x_T, noise or the initial guess differ across ranks: every rank "
-                         "must call solve with the same inputs (same seed / generator)")
-
-    secant = getattr(lin, "kind", None) == "secant"
-    if secant and lin._prev_U is None:
-        # allocated as ``Linearization.observe`` would, so a rank that receives steps
-        # before it has run its own model call has somewhere to put their history
-        lin._prev_U = X.new_zeros((S, *item.shape))
-        lin._prev_E = X.new_zeros((S, *item.shape))
-        lin._seen = torch.zeros(S, dtype=torch.bool, device=X.device)
-
-    def split(lo, hi):
-        return even_split(lo, hi, R) if cfg.rebalance else static_split(lo, hi, S, R)
-
-    rows = (-(-w // R)) if cfg.rebalance else min(w, _max_block(even_split(0, S, R)))
-    ring = _Ring(upd.history, max(1, rows), item) if anderson else None
-    # the serial shadow (solvers.SerialShadow) runs on rank 0, inside its model call; its
-    # state travels with the carry gather and the holder of the frozen state compares
-    shadow = SerialShadow(system, X, scale_dev) if shadow_applies(
-        system, tol, freeze_ratio, serial_shadow) else None
-
-    stats = SolverStats(nfe=initial_nfe, linearization=lin)
-    stats.sharding = sst
-    final_owner = torch.zeros(S, dtype=torch.int64)          # host: who holds step s at the end
-    lo, hi = 0, w
-    filled = hi             # steps below hold an iterate (a restart keeps them)
-    parts = split(lo, hi)
-    prev_r: Optional[torch.Tensor] = None
-    shape_B = (X.shape[1],)
-
-    while stats.iterations < max_iter:
+    # -- a round -------------------------------------------------------------------------------
+    def evaluate(self, loop, p: int, compare: bool):
+        """1. the block's model call and scan from its old carry; 2. the exclusive scan of
+        the blocks' affine maps (two states per rank); 3. the residual row gathered."""
+        self._round_mark()
+        sst, parts, me = self.sst, self.parts, self.me
+        self.marks = (sst.bytes_sent, sst.wait_seconds, sst.compute_seconds)
         a, b = parts[me]
-        Wk = b - a
-        marks = (sst.bytes_sent, sst.wait_seconds, sst.compute_seconds)
-        order = order_of(parts)              # ranks with steps, in step order
-        first = order[0]
         sst.blocks.append((a, b))
-        maxW = _max_block(parts)
-        sst.bytes_window_gather += Wk * n_state * esz * (R - 1)
-        FX = FX0 = r0 = M = e_last = None
+        sst.bytes_window_gather += (b - a) * self.n_state * self.item.element_size() * (self.R - 1)
         t0 = time.perf_counter()
-        # -- 1. the block's model call and scan from its old carry --------------------------
-        A_last = torch.ones_like(item)
-        G_last = torch.zeros_like(item)
-        p = stats.iterations                       # the shadow's step this round
-        if shadow is not None and me == 0 and not Wk and comm.failed is None:
+        A_last, G_last, FX0, r0, M = self._block_round(loop, p)
+        sst.compute_seconds += time.perf_counter() - t0
+        payload = [A_last.reshape(-1), G_last.reshape(-1)]
+        if loop.shadow is not None:            # rank 0's shadow state rides along
+            payload.append((loop.shadow.u if me == 0 else torch.zeros_like(self.item)).reshape(-1))
+        self.carries = self.comm.all_gather(torch.cat(payload), "carry scan")
+        t0 = time.perf_counter()
+        r_pad = self._corrected_residuals(loop, p, FX0, r0, M)
+        del M, FX0
+        sst.compute_seconds += time.perf_counter() - t0
+        rows_all = self.comm.gather_checked(r_pad, "residual gather")
+        maxW = _max_block(parts)
+        r = torch.cat([rows_all[k, :parts[k][1] - parts[k][0]] for k in order_of(parts)])
+        if loop.shadow is None:
+            return r, None
+        if not bool((rows_all[:, maxW + 1] == 1).all()):
+            return r, float("nan")                  # the serial sampler's own step p fails
+        return r, float(rows_all[:, maxW].max()) if compare else 0.0
+
+    def _block_round(self, loop, p: int):
+        """The block's model call (with the serial shadow's row on rank 0), its scan from
+        the old carry and its affine map (A_last, G_last): what step 2 composes."""
+        X, system, lin, shadow, comm = loop.X, loop.system, loop.lin, loop.shadow, self.comm
+        item = self.item
+        a, b = self.parts[self.me]
+        self.FX = self.e_last = None
+        A_last, G_last, FX0, r0, M = torch.ones_like(item), torch.zeros_like(item), None, None, None
+        if shadow is not None and self.me == 0 and b == a and comm.failed is None:
             try:                                   # rank 0 has no steps: the shadow alone
                 shadow.step(system.eps_bar(shadow.u[None], p, check_finite=False)[0])
             except Exception as e:                     # noqa: BLE001 - reported to every rank
                 comm.failed = e
-        if Wk and comm.failed is None:
-            try:
-                if shadow is not None and me == 0:
-                    U, E, e_shadow = shadow.inputs_and_model_term(X, a, b)
-                    shadow.step(e_shadow)
-                    del e_shadow
-                else:
-                    U = system.inputs(X, a, b)
-                    E = system.model_term(U, a)
-                lin.observe(a, b, U, E)
-                # the window's last model output starts the steps entering it (enter_steps)
-                e_last = E[-1:].clone() if (b == hi and w < S and hasattr(system, "extend")) else None
-                if fused:
-                    FX0, r0 = system.round_and_residuals(E, U, X[b - 1], a, b, lin, scale_dev[a:b])
-                else:                                  # the adjoint: its scan, then residuals
-                    FX0 = system.scan(E, U, a, b, lin.jacobian(a, b))
-                    r0 = step_residuals(FX0 - X[a:b]).to(torch.float64) * scale_dev[a:b]
-                del U, E
-                M = _step_slopes(system, lin, a, b, X)
-                A_last = torch.ones_like(item)
-                for i in range(Wk):
-                    A_last = A_last * M[i if M.shape[0] > 1 else 0]
-                G_last = FX0[-1] - X[b - 1]
-            except Exception as e:                     # noqa: BLE001 - reported to every rank
-                comm.failed = e
-                A_last, G_last = torch.ones_like(item), torch.zeros_like(item)
-        sst.compute_seconds += time.perf_counter() - t0
-        # -- 2. exclusive scan of the blocks' affine maps (two states per rank) -------------
-        payload = [A_last.reshape(-1), G_last.reshape(-1)]
-        if shadow is not None:                 # rank 0's shadow state rides along
-            payload.append((shadow.u if me == 0 else torch.zeros_like(item)).reshape(-1))
-        carries = comm.all_gather(torch.cat(payload), "carry scan")
-        t0 = time.perf_counter()
-        # the residuals of the block, then the shadow's deviation where this rank holds
-        # the frozen state of its step (-1 elsewhere)
+        if b == a or comm.failed is not None:
+            return A_last, G_last, FX0, r0, M
+        try:
+            if shadow is not None and self.me == 0:
+                U, E, e_shadow = shadow.inputs_and_model_term(X, a, b)
+                shadow.step(e_shadow)
+                del e_shadow
+            else:
+                U = system.inputs(X, a, b)
+                E = system.model_term(U, a)
+            lin.observe(a, b, U, E)
+            # the window's last model output starts the steps entering it (enter_steps)
+            self.e_last = E[-1:].clone() if (b == loop.hi and self.keep_last) else None
+            if self.fused:
+                FX0, r0 = system.round_and_residuals(E, U, X[b - 1], a, b, lin, loop.scale_dev[a:b])
+            else:                                  # the adjoint: its scan, then residuals
+                FX0 = system.scan(E, U, a, b, lin.jacobian(a, b))
+                r0 = step_residuals(FX0 - X[a:b]).to(torch.float64) * loop.scale_dev[a:b]
+            del U, E
+            M = system.step_slopes(lin, a, b, X)
+            for i in range(b - a):
+                A_last = A_last * M[i if M.shape[0] > 1 else 0]
+            G_last = FX0[-1] - X[b - 1]
+        except Exception as e:                     # noqa: BLE001 - reported to every rank
+            comm.failed = e
+            A_last, G_last = torch.ones_like(item), torch.zeros_like(item)
+        return A_last, G_last, FX0, r0, M
+
+    def _corrected_residuals(self, loop, p: int, FX0, r0, M) -> torch.Tensor:
+        """The block's F(X) from its true carry, F = F(U_0) + A ⊙ δ, and its residuals,
+        padded to the largest block, then the shadow's deviation where this rank holds the
+        frozen state of its step (-1 elsewhere) and whether rank 0's shadow state is
+        finite."""
+        X, comm, me, item, n = loop.X, self.comm, self.me, self.item, self.n_state
+        a, b = self.parts[me]
+        order = order_of(self.parts)
+        maxW = _max_block(self.parts)
+        shadow = loop.shadow
         r_pad = torch.full((maxW + 2,), float("nan"), dtype=torch.float64, device=X.device)
         r_pad[maxW] = -1.0
-        # and whether rank 0's shadow state is finite (the serial sampler's step p fails)
         r_pad[maxW + 1] = 1.0 if (shadow is None or me != 0) else \
             torch.isfinite(shadow.u).all().to(torch.float64)
-        if shadow is not None and p < lo and int(final_owner[p]) == me and comm.failed is None:
-            serial = carries[0, 2 * n_state:].view_as(item)
+        if shadow is not None and p < loop.lo and int(self.final_owner[p]) == me and comm.failed is None:
+            serial = self.carries[0, 2 * n:].view_as(item)
             r_pad[maxW:maxW + 1] = shadow.deviation(X, p, serial[None])
-            if p < lo - 1:      # no longer read (lo - 1 is the carry): the serial state
-                X[p] = serial   # (as in solvers.fixed_point_solve; a mismatch resets it)
-        if Wk and comm.failed is None:
-            try:
-                if me != first:
-                    delta = torch.zeros_like(item)
-                    for k in order[:order.index(me)]:
-                        Ak = carries[k, :n_state].view_as(item)
-                        Gk = carries[k, n_state:2 * n_state].view_as(item)
-                        delta = Gk + Ak * delta
-                    FX = FX0
-                    run = torch.ones_like(item)
-                    for i in range(Wk):
-                        run = run * M[i if M.shape[0] > 1 else 0]
-                        FX[i] += run * delta
-                    if fused:       # the chain's own measure (DDNM weights its range)
-                        r = system.residuals(FX - X[a:b], a, b, scale_dev[a:b])
-                    else:
-                        r = step_residuals(FX - X[a:b]).to(torch.float64) * scale_dev[a:b]
+            if p < loop.lo - 1:     # no longer read (lo - 1 is the carry): the serial state
+                X[p] = serial       # (as FixedPointLoop.round does; a mismatch resets it)
+        if b == a or comm.failed is not None:
+            return r_pad
+        try:
+            if me != order[0]:
+                delta = torch.zeros_like(item)
+                for k in order[:order.index(me)]:
+                    Ak = self.carries[k, :n].view_as(item)
+                    Gk = self.carries[k, n:2 * n].view_as(item)
+                    delta = Gk + Ak * delta
+                FX = FX0
+                run = torch.ones_like(item)
+                for i in range(b - a):
+                    run = run * M[i if M.shape[0] > 1 else 0]
+                    FX[i] += run * delta
+                if self.fused:       # the chain's own measure (DDNM weights its range)
+                    r = loop.system.residuals(FX - X[a:b], a, b, loop.scale_dev[a:b])
                 else:
-                    FX, r = FX0, r0
-                r_pad[:Wk] = r
-            except Exception as e:                     # noqa: BLE001
-                comm.failed = e
-        del M, FX0
-        sst.compute_seconds += time.perf_counter() - t0
-        # -- 3. the residual row: the round's one read, and everyone's decisions ------------
-        rows_all = comm.gather_checked(r_pad, "residual gather")
-        r = torch.cat([rows_all[k, :parts[k][1] - parts[k][0]] for k in order])
-        t0 = time.perf_counter()
-        if shadow is not None:
-            stats.nfe += 1                         # the shadow's step evaluation
-            if not bool((rows_all[:, maxW + 1] == 1).all()):
-                raise_nonfinite(p)                 # the serial sampler's own step p fails
-            deviation = float(rows_all[:, maxW].max()) if p < lo else -1.0
-            if p < lo:
-                note_deviation(stats, p, deviation)
-            if not deviation <= tol:
-                # a frozen state off the serial one (solvers.fixed_point_solve): every
-                # rank takes the shadow's state, the states are replicated from the
-                # ranks that hold them, and the solve restarts after the shadow's step,
-                # freezing exact states only
-                row = record_round(stats, r, lo, hi, S)
-                begin_exact_restart(stats, lin, p)
-                serial = carries[0, 2 * n_state:].view_as(item)
-                holder = final_owner.clone()
-                for k, (pa, pb) in enumerate(parts):
-                    holder[pa:pb] = k
-                holder[hi:] = 0               # never entered: the same initial guess everywhere
-                _replicate(comm, X, lin, holder, me)
-                X[p] = serial
-                if callback is not None and comm.failed is None:
-                    try:
-                        callback({"iteration": stats.iterations, "window": (lo, hi),
-                                  "residuals": row, "nfe": stats.nfe, "state": X, "rank": me,
-                                  "block": (a, b)})
-                    except Exception as e:             # noqa: BLE001 - reported to every rank
-                        comm.failed = e
-                shadow, tol, prev_r = None, 0.0, None
-                ring = _Ring(upd.history, max(1, rows), item) if anderson else None
-                del FX
-                sst.compute_seconds += time.perf_counter() - t0
-                _mark(sst, marks)
-                lo, hi = p + 1, min(p + 1 + w, S)     # p < lo <= S - 1: steps remain
-                parts = split(lo, hi)
-                continue
-        G = None
-        bad = ~torch.isfinite(r)
-        if bool(bad.any()):
-            kb = int(bad.nonzero()[0, 0])
-            if kb == 0:
-                raise_nonfinite(lo)
-            # Divergence restart (see fixed_point_solve): steps from lo+kb on restart
-            # from F(X) of the step before, which one rank holds: broadcast it.
-            src_step = lo + kb - 1
-            owner = _owner_of(parts, src_step)
-            last = FX[src_step - a].clone() if (owner == me and FX is not None) else torch.zeros_like(item)
-            sst.compute_seconds += time.perf_counter() - t0
-            last = comm.broadcast(last, owner, "divergence restart")
-            t0 = time.perf_counter()
-            if Wk and FX is not None and b > lo + kb:
-                FX[max(lo + kb, a) - a:] = last
-            r[kb:] = float("inf")
-            if ring is not None:
-                ring.forget()
-            switch_off_jacobian(lin, stats)
-        elif lin.active and guard_tripped(r, prev_r, lo, hi):
-            switch_off_jacobian(lin, stats)
-        row = prev_r = record_round(stats, r, lo, hi, S)
-        n_done = steps_to_freeze(r, tol, freeze_ratio, last=hi == S)
-        # -- 4. the update of the block --------------------------------------------------------
-        if n_done < hi - lo and anderson:
-            offset_fn = _prefix_offset(comm, order, me, shape_B, ring.m, X.device) if prefix else None
-            if Wk and comm.failed is None and FX is not None:
-                try:
-                    ring.push(a, b, X[a:b], FX=FX)
-                    ring.mix_with(a, b, reg=upd.reg, damping=upd.damping, prefix=prefix,
-                                  offset_fn=offset_fn, out=X[a:b])
-                except ShardError:                 # a collective failed: every rank raises
-                    raise
-                except Exception as e:             # noqa: BLE001
-                    comm.failed = e
-                    if prefix and not offset_fn.state["called"]:
-                        offset_fn(None)            # the peers are in this collective
+                    r = step_residuals(FX - X[a:b]).to(torch.float64) * loop.scale_dev[a:b]
             else:
-                ring.skip()
-                if prefix:
-                    sst.compute_seconds += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    offset_fn(None)
-        elif Wk and FX is not None:
+                FX, r = FX0, r0
+            r_pad[:b - a] = r
+            self.FX = FX
+        except Exception as e:                     # noqa: BLE001
+            comm.failed = e
+        return r_pad
+
+    def apply(self, loop, n_done: int) -> None:
+        """4. the update of the block: the rule's (every rank calls it, an empty block where
+        it has no steps or failed), then the frozen steps take F(X)."""
+        X, lo, hi, FX, comm = loop.X, loop.lo, loop.hi, self.FX, self.comm
+        a, b = self.parts[self.me]
+        t0 = time.perf_counter()
+        if n_done < hi - lo:
+            prefix = self._prefix()
+            ctx = self.context(loop, lo, hi, prefix)
+            try:
+                if b > a and FX is not None and comm.failed is None:
+                    G = FX - X[a:b] if loop.update.uses_residual else None
+                    X[a:b] = loop.call_rule(X[a:b], FX, G, ctx)
+                else:
+                    self._empty_call(loop, ctx)
+            except ShardError:                     # a collective failed: every rank raises
+                raise
+            except Exception as e:                 # noqa: BLE001
+                comm.failed = e
+                if not prefix.called:              # the peers wait in that collective:
+                    try:                           # take part as a rank without steps
+                        self._empty_call(loop, ctx)
+                    except Exception:              # noqa: BLE001 - the first error is kept
+                        pass
+        elif b > a and FX is not None:
             X[a:b] = FX
-        if Wk and FX is not None:
+        if b > a and FX is not None:
             f_hi = min(b, lo + n_done)
             if f_hi > a:
                 X[a:f_hi] = FX[:f_hi - a]
-        for k, (pa, pb) in enumerate(parts):
-            final_owner[max(pa, lo):min(pb, lo + n_done)] = k
-        if callback is not None and comm.failed is None:
-            try:        # X is valid on this rank's block (and the frozen steps it froze)
-                callback({"iteration": stats.iterations, "window": (lo, hi), "residuals": row,
-                          "nfe": stats.nfe, "state": X, "rank": me, "block": (a, b)})
-            except Exception as e:                     # noqa: BLE001 - reported to every rank
-                comm.failed = e
-        del FX, G
-        sst.compute_seconds += time.perf_counter() - t0
-        if n_done == hi - lo and hi == S:
-            stats.converged = True
-            _mark(sst, marks)
-            break
-        # -- 5. slide the window, re-split it, move steps and halos ---------------------------
-        new_lo = lo + n_done
-        new_hi = min(new_lo + w, S)
-        last_owner = _owner_of(parts, hi - 1)
-        if new_hi > filled:
-            if me == last_owner:    # steps below ``filled`` kept their iterates (a restart)
-                enter_steps(system, X, e_last if hi == filled else None, filled, new_hi)
-            filled = new_hi
-        if cfg.rebalance:
-            new_parts = _kept_split(parts, new_lo, hi, new_hi, last_owner)
-            even = _rebalanced(new_parts, new_lo, new_hi)
+        for k, (pa, pb) in enumerate(self.parts):
+            self.final_owner[max(pa, lo):min(pb, lo + n_done)] = k
+        self.sst.compute_seconds += time.perf_counter() - t0
+
+    @staticmethod
+    def _empty_call(loop, ctx: RoundContext) -> None:
+        """The rule on an empty block (no steps here this round, or a failed rank): it keeps
+        its round counters and its collectives in step with the peers."""
+        empty = loop.X[ctx.a:ctx.a]
+        loop.call_rule(empty, empty, empty if loop.update.uses_residual else None, ctx)
+
+    def _prefix(self) -> "_Prefix":
+        return _Prefix(self.comm, order_of(self.parts), self.item.device)
+
+    def diverged(self, loop, k: int) -> None:
+        """Steps lo+k.. restart from F(X) of step lo+k-1, which one rank holds: broadcast it."""
+        a, b = self.parts[self.me]
+        src_step = loop.lo + k - 1
+        owner = _owner_of(self.parts, src_step)
+        FX = self.FX
+        last = FX[src_step - a].clone() if (owner == self.me and FX is not None) \
+            else torch.zeros_like(self.item)
+        last = self.comm.broadcast(last, owner, "divergence restart")
+        if b > a and FX is not None and b > loop.lo + k:
+            FX[max(loop.lo + k, a) - a:] = last
+
+    def take_serial(self, loop, p: int, q=None) -> None:
+        pass                    # the holder of state p put the serial one in (evaluate)
+
+    def put_serial(self, loop, p: int, q=None) -> None:
+        """A restart: every rank takes the shadow's state at p, and the states are
+        replicated from the ranks that hold them."""
+        serial = self.carries[0, 2 * self.n_state:].view_as(self.item)
+        holder = self.final_owner.clone()
+        for k, (pa, pb) in enumerate(self.parts):
+            holder[pa:pb] = k
+        holder[loop.hi:] = 0          # never entered: the same initial guess everywhere
+        _replicate(self.comm, loop.X, loop.lin, holder, self.me)
+        loop.X[p] = serial
+
+    def call_back(self, loop, callback, payload: dict) -> None:
+        """The user's callback on every rank, with its rank and block; an exception is kept
+        and reported to every rank at the next gather. X is valid on this rank's block
+        (and the frozen steps it froze)."""
+        if self.comm.failed is not None:
+            return
+        payload.update(rank=self.me, block=self.parts[self.me])
+        try:
+            callback(payload)
+        except Exception as e:                     # noqa: BLE001 - reported to every rank
+            self.comm.failed = e
+
+    def release(self) -> None:
+        self.FX = None
+
+    # -- the window moves ------------------------------------------------------------------------
+    def enter(self, loop, start: int, end: int, from_last_output: bool) -> None:
+        """Start values of entering steps, computed by the rank that held the old last step
+        (``_migrate`` sends them where they go)."""
+        if self.me == _owner_of(self.parts, loop.hi - 1):
+            enter_steps(loop.system, loop.X, self.e_last if from_last_output else None, start, end)
+
+    def move(self, loop, lo: int, hi: int, restart: bool = False) -> None:
+        """5. re-split the new window and move steps and halos (after a restart every rank
+        holds every state: a new split only)."""
+        if restart:
+            self.parts = self.split(lo, hi, loop.S)
+            return
+        old_hi, parts = loop.hi, self.parts
+        last_owner = _owner_of(parts, old_hi - 1)
+        if self.cfg.rebalance:
+            new_parts = _kept_split(parts, lo, old_hi, hi, last_owner)
+            even = _rebalanced(new_parts, lo, hi)
             if _max_block(new_parts) > _max_block(even):
                 new_parts = even
-                sst.rebalances += 1
+                self.sst.rebalances += 1
         else:
-            new_parts = split(new_lo, new_hi)
-        _migrate(comm, X, lin, ring, parts, new_parts, hi, last_owner, sst)
-        lo, hi, parts = new_lo, new_hi, new_parts
-        _mark(sst, marks)
+            new_parts = self.split(lo, hi, loop.S)
+        _migrate(self.comm, loop.X, loop.lin, loop.update, parts, new_parts, old_hi, last_owner,
+                 self.sst)
+        self.parts = new_parts
 
-    if not stats.converged:
-        for k, (pa, pb) in enumerate(parts):
-            if pb > pa and pa >= lo:
-                final_owner[max(pa, lo):pb] = k    # unfinished steps: their current owner
-    # -- the result on every rank: each state from the rank that holds it ---------------------
-    comm.gather_checked(X.new_zeros(0), "final status")
-    _replicate(comm, X, lin, final_owner, me)
-    sst.total_seconds = time.perf_counter() - t_start
-    return X, stats
+    def finish(self, loop) -> None:
+        """The result on every rank: each state from the rank that holds it."""
+        self._round_mark()          # the rounds' accounting leaves out the final gather
+        if not loop.stats.converged:
+            for k, (pa, pb) in enumerate(self.parts):
+                if pb > pa and pa >= loop.lo:
+                    self.final_owner[max(pa, loop.lo):pb] = k    # unfinished steps: their owner
+        self.comm.gather_checked(loop.X.new_zeros(0), "final status")
+        _replicate(self.comm, loop.X, loop.lin, self.final_owner, self.me)
+        self.sst.total_seconds = time.perf_counter() - self.t_start
+
+
+class _Prefix:
+    """``RoundContext.prefix`` of a round: ``prefix(block_sum, shape)`` all-gathers one
+    [shape] float64 tensor per rank (the block's sum, zero-padded; None: zeros) and returns
+    the sum of the blocks before this one in step order (cut to block_sum's shape). Every
+    rank calls it the same number of times (``called`` keeps a failed rank in step). A
+    class, not a closure: a closure naming itself is a reference cycle, which kept the
+    engine and so the process group alive past the user's destroy (issue #22)."""
+
+    def __init__(self, comm: "_Comm", order, device):
+        self.comm, self.order, self.device = comm, order, device
+        self.called = False
+
+    def __call__(self, block_sum, shape):
+        self.called = True
+        comm, me = self.comm, self.comm.rank
+        pay = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        cut = tuple(slice(0, n) for n in (shape if block_sum is None else block_sum.shape))
+        if block_sum is not None:
+            pay[cut] = block_sum
+        allb = comm.all_gather(pay.reshape(-1), "triangular Gram prefix").view(comm.size, *shape)
+        off = torch.zeros_like(pay)
+        for k in self.order[:self.order.index(me)] if me in self.order else []:
+            off = off + allb[k]
+        return off[cut]
 
 
 def _replicate(comm: _Comm, X, lin, holder: torch.Tensor, me: int) -> None:
@@ -687,28 +672,6 @@ def _all_reduce(comm: _Comm, t: torch.Tensor, what: str):
     comm.stats.bytes_sent += 2 * t.numel() * t.element_size() * (comm.size - 1) // max(1, comm.size)
 
 
-def _prefix_offset(comm: _Comm, order, me: int, shape_B, m: int, device):
-    """A function of this block's summed masked Gram matrix [B, h, h] (None: no steps
-    this round) giving the sum over the window's earlier blocks: an all-gather of one
-    [B, m, m] float64 matrix per rank and an exclusive sum (triangular Anderson). Every
-    rank calls it exactly once per mixing round (``called`` keeps a failed rank in step)."""
-    state = {"called": False}
-
-    def offset(block_sum):
-        state["called"] = True
-        pay = torch.zeros((shape_B[0], m, m), dtype=torch.float64, device=device)
-        h = m if block_sum is None else block_sum.shape[-1]
-        if block_sum is not None:
-            pay[:, :h, :h] = block_sum
-        allb = comm.all_gather(pay.reshape(-1), "triangular Gram prefix").view(comm.size, *pay.shape)
-        off = torch.zeros_like(pay)
-        for k in order[:order.index(me)] if me in order else []:
-            off = off + allb[k]
-        return off[:, :h, :h]
-    offset.state = state
-    return offset
-
-
 def _kept_split(parts, lo: int, old_hi: int, hi: int, last_owner: int):
     """The current split on the new window [lo, hi) with as little moving as possible:
     blocks lose their frozen steps; the steps entering at the back go to the ranks whose
@@ -735,10 +698,11 @@ def _rebalanced(kept, lo: int, hi: int):
     return split_in_order(lo, hi, ranks, R)
 
 
-def _migrate(comm: _Comm, X, lin, ring, old, new, old_hi: int, last_owner: int, sst: ShardStats):
+def _migrate(comm: _Comm, X, lin, rule, old, new, old_hi: int, last_owner: int, sst: ShardStats):
     """Move what each rank needs under the new split from the ranks that hold it: the
-    state before its block (its next carry), and for steps new to it their state,
-    secant history and Anderson history. Every rank computes the same transfer list."""
+    state before its block (its next carry), and for steps new to it their state, secant
+    history and the update rule's per-step history (``export_steps``). Every rank
+    computes the same transfer list."""
     me = comm.rank
 
     def src(s):
@@ -766,99 +730,50 @@ def _migrate(comm: _Comm, X, lin, ring, old, new, old_hi: int, last_owner: int, 
                 transfers[-1] = (p, k, transfers[-1][2], s + 1, kind)
             else:
                 transfers.append((p, k, s, s + 1, kind))
+    export_lin = getattr(lin, "export_steps", lambda s0, s1, dtype: [])
     sends, recvs, after = [], [], []
-    secant = getattr(lin, "kind", None) == "secant" and lin.active and lin._prev_U is not None
     for p, k, s0, s1, kind in transfers:
         if me not in (p, k):
             continue
         full = kind == "full"
-        fields = [X[s0:s1]]
-        if full:
-            if secant:
-                fields += [lin._prev_U[s0:s1], lin._prev_E[s0:s1], lin.slopes[s0:s1],
-                           lin._seen[s0:s1].to(X.dtype)]
-            if ring is not None:
-                rws = torch.arange(s0, s1) % ring.rows
-                rd = rws.to(ring.gram.device)
-                fields += [ring.X[:, rd], ring.G[:, rd], ring.gram[rd],
-                           ring.step_of[:, rws].to(torch.float64).to(ring.gram.device)]
+        lin_fields = export_lin(s0, s1, X.dtype) if full else []
+        fields = [X[s0:s1], *lin_fields, *(rule.export_steps(s0, s1) if full else [])]
         if me == p:
             sends += [(k, f.contiguous()) for f in fields]
         else:
             bufs = [torch.empty_like(f.contiguous()) for f in fields]
             recvs += [(p, t) for t in bufs]
-            after.append((s0, s1, full, bufs))
+            after.append((s0, s1, full, len(lin_fields), bufs))
             if full:
                 sst.migrated_steps += s1 - s0
     comm.exchange(sends, recvs, "step migration")
-    for s0, s1, full, bufs in after:
+    for s0, s1, full, n_lin, bufs in after:
         X[s0:s1] = bufs[0]
-        i = 1
         if full:
-            if secant:
-                lin._prev_U[s0:s1] = bufs[1]
-                lin._prev_E[s0:s1] = bufs[2]
-                lin.slopes[s0:s1] = bufs[3]
-                lin._seen[s0:s1] = bufs[4] != 0
-                i = 5
-            if ring is not None:
-                rws = torch.arange(s0, s1) % ring.rows
-                rd = rws.to(ring.gram.device)
-                ring.X[:, rd] = bufs[i]
-                ring.G[:, rd] = bufs[i + 1]
-                ring.gram[rd] = bufs[i + 2]
-                ring.step_of[:, rws] = bufs[i + 3].to("cpu").to(torch.int64)
+            if n_lin:
+                lin.import_steps(s0, s1, bufs[1:1 + n_lin])
+            rule.import_steps(s0, s1, bufs[1 + n_lin:])
 
 
-# -- the implicit-gradient backward, sharded the same way --------------------------------
-
-def sharded_adjoint_gradients(system, X: torch.Tensor, grad_x0: torch.Tensor, *, process_group,
-                              x_T: torch.Tensor, noise: Optional[torch.Tensor], params=(),
-                              y: Optional[torch.Tensor] = None, solver: str = "picard",
-                              linearize: str = "secant", tol: float = 1e-6,
-                              max_iter: Optional[int] = None, window: Optional[int] = None,
-                              forward_jacobian=None, **solver_kw):
-    """``gradients.adjoint_gradients`` with the adjoint system's steps sharded like the
-    forward solve's (each round one VJP per rank over its block) and the parameter
-    gradients' VJPs split over the ranks and summed with one all-reduce. Every rank
-    gets the same result (X, the forward states, must be the same on every rank: it is,
-    after a sharded ``solve``)."""
-    from .gradients import AdjointSystem, input_gradients
-    cfg = resolve(process_group)
-    chain = system.chain
-    grad_uS = chain.to_basis(grad_x0.to(X.dtype))
-    adj = AdjointSystem(system, X, grad_uS, params, forward_jacobian)
-    A0 = grad_uS.unsqueeze(0).repeat(system.num_steps, *([1] * grad_uS.dim()))
-    A, stats = sharded_fixed_point_solve(adj, A0, cfg, solver=solver, linearize=linearize,
-                                         tol=tol, floor=1.0, max_iter=max_iter, window=window,
-                                         **solver_kw)
-    lam = adj.lambdas(A)
-    out = {"stats": stats, "lambda": lam}
-    # dL/dθ = Σ_k (∂ē_k/∂θ)ᵀ(Q_k λ_{k+1}): each rank its share of the steps, then a sum
-    R, me = dist.get_world_size(cfg.group), dist.get_rank(cfg.group)
-    grads: List[Optional[torch.Tensor]] = []
+def sharded_param_grads(cfg: ShardConfig, adj, lam: torch.Tensor, chunk: int, stats):
+    """(dL/dθ, model calls) of a sharded adjoint: Σ_k (∂ē_k/∂θ)ᵀ(Q_k λ_{k+1}) with each
+    rank its share of the steps, then one all-reduce per parameter (and of the model
+    calls). An error on one rank reaches every rank (they wait in the all-reduce)."""
+    comm = _Comm(cfg.group, cfg.timeout, stats.sharding)
+    grads: List[torch.Tensor] = []
     if adj.params:
-        k0, k1 = even_split(0, system.num_steps, R)[me]
-        chunk = window or system.num_steps
+        k0, k1 = even_split(0, adj.num_steps, comm.size)[comm.rank]
         total: List[Optional[torch.Tensor]] = [None] * len(adj.params)
-        comm = _Comm(cfg.group, cfg.timeout, stats.sharding)
         try:          # an error here must reach the peers, which wait in the all-reduce
-            cot_all = system.coeffs.Q * lam[1:]
-            for c0 in range(k0, k1, chunk):
-                c1 = min(c0 + chunk, k1)
-                _, gs = adj._vjp(c0, c1, cot_all[c0:c1], adj.params)
-                total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, gs)]
+            total = adj.param_grads(lam, chunk, k0, k1)
         except Exception as e:                         # noqa: BLE001
             comm.failed = e
-        comm.gather_checked(torch.zeros(1, dtype=torch.float64, device=X.device),
+        comm.gather_checked(torch.zeros(1, dtype=torch.float64, device=lam.device),
                             "parameter VJPs")
         for t, p in zip(total, adj.params):
             g = torch.zeros_like(p) if t is None else t.detach().clone()
             _all_reduce(comm, g, "parameter gradients")
             grads.append(g)
-    out["params"] = grads
-    calls = torch.tensor([float(adj.model_calls)], dtype=torch.float64, device=X.device)
+    calls = torch.tensor([float(adj.model_calls)], dtype=torch.float64, device=lam.device)
     _all_reduce(_Comm(cfg.group, cfg.timeout, stats.sharding), calls, "model call count")
-    out["model_calls"] = int(calls.to("cpu")[0])
-    out.update(input_gradients(chain, lam, x_T, noise, y, X.dtype))
-    return out
+    return grads, int(calls.to("cpu")[0])

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .solvers import fixed_point_solve
+from .solvers import SolveOptions, fixed_point_solve
 from .system import ChainSystem, ieee_float32
 
 
@@ -92,9 +92,20 @@ class AdjointSystem:
         first = torch.zeros_like(inputs) if grads[0] is None else grads[0]
         return first, grads[1:]
 
+    def carry(self, A: torch.Tensor, lo: int) -> torch.Tensor:
+        """The state entering adjoint step ``lo``."""
+        return self.carry0 if lo == 0 else A[lo - 1]
+
     def inputs(self, A: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        carry = (self.carry0 if lo == 0 else A[lo - 1]).unsqueeze(0)
+        carry = self.carry(A, lo).unsqueeze(0)
         return torch.cat([carry, A[lo:hi - 1]]) if hi - lo > 1 else carry
+
+    def step_slopes(self, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
+        """M_r = P'_r + J_r for adjoint steps a..b-1 (Q = 1 in A_r = P'_r A_{r-1} + E_r +
+        J_r (A_{r-1} - U_r)): each step's slope in its input, what a sharded solve's carry
+        correction composes (``ChainSystem.step_slopes``)."""
+        J = lin.jacobian(a, b)
+        return self.P[a:b] if J is None else self.P[a:b] + J
 
     def model_term(self, Ain: torch.Tensor, lo: int) -> torch.Tensor:
         """J_kᵀ(Q_k A) for adjoint steps lo..lo+W-1 (forward steps S-lo-W .. S-lo-1)."""
@@ -123,15 +134,18 @@ class AdjointSystem:
         """[S+1, B, ...]: λ_0 .. λ_S in forward order from the solved adjoint states."""
         return torch.cat([A.flip(0), self.carry0.unsqueeze(0)])
 
-    def param_grads(self, lam: torch.Tensor, chunk: int) -> List[Optional[torch.Tensor]]:
-        """Σ_k (∂ē_k/∂θ)ᵀ(Q_k λ_{k+1}), ``chunk`` steps per rebuilt graph."""
+    def param_grads(self, lam: torch.Tensor, chunk: int, k0: int = 0,
+                    k1: Optional[int] = None) -> List[Optional[torch.Tensor]]:
+        """Σ_k (∂ē_k/∂θ)ᵀ(Q_k λ_{k+1}) over forward steps k0..k1-1 (default all),
+        ``chunk`` steps per rebuilt graph."""
         if not self.params:
             return []
+        k1 = self.S if k1 is None else k1
         total: List[Optional[torch.Tensor]] = [None] * len(self.params)
         cot_all = self.forward.coeffs.Q * lam[1:]
-        for k0 in range(0, self.S, chunk):
-            k1 = min(k0 + chunk, self.S)
-            _, gs = self._vjp(k0, k1, cot_all[k0:k1], self.params)
+        for c0 in range(k0, k1, chunk):
+            c1 = min(c0 + chunk, k1)
+            _, gs = self._vjp(c0, c1, cot_all[c0:c1], self.params)
             total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, gs)]
         return total
 
@@ -141,21 +155,39 @@ def adjoint_gradients(system: ChainSystem, X: torch.Tensor, grad_x0: torch.Tenso
                       y: Optional[torch.Tensor] = None,
                       solver: str = "picard", linearize: str = "secant", tol: float = 1e-6,
                       max_iter: Optional[int] = None, window: Optional[int] = None,
-                      forward_jacobian=None, **solver_kw) -> Dict[str, object]:
+                      forward_jacobian=None, options: Optional[SolveOptions] = None,
+                      process_group=None) -> Dict[str, object]:
     """dL/dx_T, dL/dy and dL/dθ for dL/dx0 = ``grad_x0`` at the solution X (basis).
     ``window`` bounds the steps (and so the graph) of each round; ``forward_jacobian``
-    is the forward solve's final J as a function of (lo, hi), or None."""
+    is the forward solve's final J as a function of (lo, hi), or None; ``options`` the
+    adjoint loop's (default: floor 1, the adjoint states having no noise level).
+    ``process_group``: shard the adjoint solve like the forward one (each round one VJP
+    per rank over its block) and split the parameters' VJPs over the ranks, summed with
+    one all-reduce; every rank gets the same result (X must be the same on every rank: it
+    is, after a sharded ``solve``)."""
     chain = system.chain
     grad_uS = chain.to_basis(grad_x0.to(X.dtype))
     adj = AdjointSystem(system, X, grad_uS, params, forward_jacobian)
     A0 = grad_uS.unsqueeze(0).repeat(system.num_steps, *([1] * grad_uS.dim()))
+    engine = cfg = None
+    if process_group is not None:
+        from .distributed import ShardedEngine, resolve
+        cfg = resolve(process_group)
+        engine = ShardedEngine(cfg)
     A, stats = fixed_point_solve(adj, A0, solver=solver, linearize=linearize, tol=tol,
-                                 floor=1.0, max_iter=max_iter, window=window, **solver_kw)
+                                 max_iter=max_iter, window=window,
+                                 options=SolveOptions(floor=1.0) if options is None else options,
+                                 engine=engine)
     lam = adj.lambdas(A)
     out: Dict[str, object] = {"stats": stats, "lambda": lam}
-    out["params"] = adj.param_grads(lam, window or system.num_steps)
-    # Honest cost: every VJP needed a forward pass of the model on the same batch.
-    out["model_calls"] = adj.model_calls
+    chunk = window or system.num_steps
+    if cfg is None:
+        out["params"] = adj.param_grads(lam, chunk)
+        # Honest cost: every VJP needed a forward pass of the model on the same batch.
+        out["model_calls"] = adj.model_calls
+    else:
+        from .distributed import sharded_param_grads
+        out["params"], out["model_calls"] = sharded_param_grads(cfg, adj, lam, chunk, stats)
     out.update(input_gradients(chain, lam, x_T, noise, y, X.dtype))
     return out
 

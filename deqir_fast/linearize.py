@@ -27,9 +27,10 @@ from .ops import CHUNK_ELEMENTS
 
 LINEARIZATIONS = ("secant", "gaussian", "paradigms", "none")
 
-# v of the Gaussian starting guess. On the bundled model (bench/linearize.py, DDIM/DDPM/
-# DDRM/DDNM-100) v = 0.1, 0.3 and 1 started the secant equally well (rounds to 2/255
-# within one of each other); 0.3 is the digits' pixel variance on the [-1, 1] scale.
+# v of the Gaussian starting guess: 0.3 is the digits' pixel variance on the [-1, 1]
+# scale. On the bundled model (DDIM/DDPM/DDRM/DDNM-100) v = 0.1, 0.3 and 1 started the
+# secant equally well (rounds to 2/255 within one of each other), measured in an early
+# probe of issue #8 whose script was not kept (design.md §3a's table starts from v = 0.3).
 PRIOR_VARIANCE = 0.3
 
 # A secant slope needs the inputs to have moved by more than rounding: ΔU² summed over a
@@ -89,6 +90,37 @@ class Linearization:
         this (its steps may change ranks in a sharded solve)."""
         if self._seen is not None:
             self._seen.zero_()
+
+    def reserve_history(self, like: torch.Tensor) -> None:
+        """Allocate the secant's round history ([S, *like.shape]) now, as ``observe``
+        would: a rank of a sharded solve may receive steps' history before its own first
+        model call."""
+        if self.kind == "secant" and self._prev_U is None:
+            S = self.chain.num_steps
+            self._prev_U = like.new_zeros((S, *like.shape))
+            self._prev_E = like.new_zeros((S, *like.shape))
+            self._seen = torch.zeros(S, dtype=torch.bool, device=like.device)
+
+    def moves_with_steps(self) -> bool:
+        """Whether steps carry secant state when they change ranks (a learning secant)."""
+        return self.kind == "secant" and self.active and self._prev_U is not None
+
+    def export_steps(self, s0: int, s1: int, dtype: torch.dtype):
+        """The secant state of steps s0..s1-1 (round history and slopes) as tensors of
+        ``dtype``, for a step moving to another rank; [] when nothing moves."""
+        if not self.moves_with_steps():
+            return []
+        return [self._prev_U[s0:s1], self._prev_E[s0:s1], self.slopes[s0:s1],
+                self._seen[s0:s1].to(dtype)]
+
+    def import_steps(self, s0: int, s1: int, tensors) -> None:
+        """``export_steps``'s tensors into steps s0..s1-1."""
+        if not tensors:
+            return
+        self._prev_U[s0:s1] = tensors[0]
+        self._prev_E[s0:s1] = tensors[1]
+        self.slopes[s0:s1] = tensors[2]
+        self._seen[s0:s1] = tensors[3] != 0
 
     def jacobian(self, lo: int, hi: int) -> Optional[torch.Tensor]:
         """J for steps lo..hi-1, broadcastable to the window [hi-lo, B, ...], or None."""

@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 import torch
 
+from .diffusers_compat import PREDICTION_TYPES, _read, schedule_from_diffusers, to_eps
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -32,7 +34,6 @@ class EpsModel(torch.nn.Module):
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
                                       or max_batch < 1):
             raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
-        from .diffusers_compat import PREDICTION_TYPES
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {prediction_type!r}")
@@ -60,7 +61,6 @@ class EpsModel(torch.nn.Module):
             out = out[:, : x.shape[1]]
         out = out.to(x.dtype)
         if self.prediction_type != "epsilon":
-            from .diffusers_compat import to_eps
             out = to_eps(out, x, t, self.schedule, self.prediction_type)
         return out
 
@@ -69,6 +69,14 @@ class EpsModel(torch.nn.Module):
             return self._one(x, t)
         return torch.cat([self._one(xc, tc) for xc, tc in
                           zip(x.split(self.max_batch), t.split(self.max_batch))])
+
+
+def eps_model(network, scheduler, max_batch: Optional[int] = None) -> EpsModel:
+    """``EpsModel(network)`` reading a diffusers scheduler's (or config's)
+    ``prediction_type`` (eps from "sample" or "v_prediction" outputs) and schedule."""
+    _, cfg = _read(scheduler)
+    return EpsModel(network, max_batch=max_batch, prediction_type=cfg["prediction_type"],
+                    schedule=schedule_from_diffusers(scheduler))
 
 
 def load_unet(folder: Union[str, Path], max_batch: Optional[int] = None,
@@ -115,7 +123,6 @@ def find_scheduler_config(folder: Union[str, Path]) -> Optional[Path]:
 def read_scheduler_config(path: Union[str, Path]):
     """(Schedule, config dict, prediction_type) from a diffusers scheduler_config.json."""
     import json
-    from .diffusers_compat import PREDICTION_TYPES, schedule_from_diffusers
     path = Path(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

@@ -21,21 +21,32 @@ published.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict
+
+from .solvers import SolveOptions
+from .solvers.options import FIELDS
 
 PEERS: Dict[str, dict] = {
     "deqir_fast": {},
-    "ParaDiGMS": dict(solver="picard", linearize="paradigms", freeze_ratio=1.0, tol=0.1,
-                      serial_shadow=False),
+    "ParaDiGMS": dict(solver="picard", linearize="paradigms", tol=0.1,
+                      options=SolveOptions(freeze_ratio=1.0, serial_shadow=False)),
     "DeqIR": dict(solver="anderson", linearize="none", init="x_T", max_iter=15,
-                  serial_shadow=False),
-    "ParaTAA": dict(solver="triangular_anderson", linearize="none", serial_shadow=False),
+                  options=SolveOptions(serial_shadow=False)),
+    "ParaTAA": dict(solver="triangular_anderson", linearize="none",
+                    options=SolveOptions(serial_shadow=False)),
 }
 
 
 def peer(name: str, **overrides) -> dict:
     """The ``solve`` keyword arguments of peer ``name``, with ``overrides`` applied (e.g.
-    a tuned ``tol`` or a ``window``)."""
+    a tuned ``tol``, a ``window``, or a ``SolveOptions`` field such as ``freeze_ratio``,
+    which goes into the peer's ``options``)."""
     if name not in PEERS:
         raise ValueError(f"peer must be one of {tuple(PEERS)}, got {name!r}")
-    return {**PEERS[name], **overrides}
+    kw = dict(PEERS[name])
+    expert = {k: overrides.pop(k) for k in list(overrides) if k in FIELDS}
+    if expert:
+        kw["options"] = replace(kw.get("options", SolveOptions()), **expert)
+    kw.update(overrides)
+    return kw

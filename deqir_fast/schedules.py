@@ -56,14 +56,11 @@ class Schedule:
         return cls(torch.cumprod(1.0 - betas, 0))
 
     @classmethod
-    def from_diffusers(cls, scheduler) -> "Schedule":
-        """The schedule of a diffusers scheduler (its own float32 ``alphas_cumprod``) or
-        of a scheduler config mapping (e.g. a loaded ``scheduler_config.json``):
-        ``beta_schedule`` as the config's class accepts it (DDIMScheduler: linear,
-        scaled_linear, squaredcos_cap_v2; DDPMScheduler also laplace and sigmoid) or
-        ``trained_betas``; ``rescale_betas_zero_snr`` makes the last ᾱ 0."""
-        from .diffusers_compat import schedule_from_diffusers
-        return schedule_from_diffusers(scheduler)
+    def from_diffusers(cls, *args, **kwargs):
+        """Moved to ``dq.schedule_from_diffusers(scheduler)`` (``deqir_fast.diffusers_compat``):
+        the maths does not import the adapters (issue #23). Raises AttributeError."""
+        raise AttributeError("Schedule.from_diffusers moved: use dq.schedule_from_diffusers("
+                             "scheduler) (deqir_fast.diffusers_compat.schedule_from_diffusers)")
 
     @property
     def num_train_timesteps(self) -> int:

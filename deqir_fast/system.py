@@ -17,7 +17,8 @@ from ._checks import raise_nonfinite
 from .chains import Chain, StepCoefficients
 from .linearize import Linearization
 from .ops import CHUNK_ELEMENTS, affine_scan, affine_step, step_residuals
-from .ops.fused_round import C_Q0, C_R, C_SN, fused_round, step_table, window_coefficients
+from .ops.fused_round import fused_round, step_table, window_coefficients
+from .ops.layout import C_Q0, C_R, C_SN
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -282,6 +283,18 @@ class ChainSystem:
         if kZ is not None and noise is not None:
             R = kZ * noise if R is None else R + kZ * noise
         return affine_scan(P, Q, E, R, U[0], J, U)
+
+    def step_slopes(self, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
+        """M_i = P_i + Q_i J_i for steps a..b-1, broadcastable to [b-a, B, ...]: the slope of
+        each step's linearised update in its input (what a sharded solve's carry
+        correction composes, ``distributed.ShardedEngine``)."""
+        J = lin.jacobian(a, b)
+        if self.spec is not None:
+            P, Q, _, _, _ = window_coefficients(self.spec.sampler, self._table[a:b].to(like.dtype),
+                                                self._s, like.dim() - 2)
+        else:
+            P, Q = self.coeffs.P[a:b], self.coeffs.Q[a:b]
+        return P if J is None else P + Q * J
 
     def extend(self, X: torch.Tensor, e: torch.Tensor, hi: int, new_hi: int) -> Optional[torch.Tensor]:
         """Start values of steps hi..new_hi-1 entering a sliding window: the scan from

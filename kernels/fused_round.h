@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "fused_round_layout.h"  // sampler ids, NS and the C_* columns (from ops/layout.py)
+
 #if defined(__CUDACC__)
 #define DQ_HD __host__ __device__ __forceinline__
 #include <cuda_runtime.h>
@@ -19,15 +21,6 @@
 #endif
 
 namespace deqir {
-
-enum Sampler : int { kDDIM = 0, kDDRM = 1, kDDNM = 2 };
-
-// Columns of the step table (must match deqir_fast/ops/fused_round.py).
-constexpr int NS = 16;
-constexpr int C_P0 = 0, C_Q0 = 1, C_Z0 = 2;
-constexpr int C_P2 = 3, C_Q2 = 4, C_REB = 5, C_KYA = 6, C_KSNSY = 7;
-constexpr int C_PA = 8, C_QA = 9, C_R = 10, C_SN = 11, C_SN2 = 12, C_SYEB = 13, C_SY = 14;
-constexpr int C_KEEP = 3, C_ETA = 4, C_RSY = 13;
 
 template <typename T>
 struct StepRow {

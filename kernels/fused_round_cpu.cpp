@@ -40,6 +40,7 @@ namespace deqir {
 // it walks the W steps; it never straddles two batch items, so J's row is one scalar
 // per class for the whole chunk.
 constexpr int64_t CHUNK = 1024;
+static_assert(MAX_CLASSES == 3, "round_cpu reads one J slope per class as j0, j1, j2");
 
 template <int SAMPLER, bool HAS_J, bool HAS_Y, bool HAS_Z, typename T>
 static void round_cpu(const double* table, const T* E, const T* U, const T* XL, const T* s,
@@ -110,7 +111,8 @@ static void with_sampler(int64_t sampler, F&& f) {
     case kDDIM: f(std::integral_constant<int, kDDIM>{}); break;
     case kDDRM: f(std::integral_constant<int, kDDRM>{}); break;
     case kDDNM: f(std::integral_constant<int, kDDNM>{}); break;
-    default: TORCH_CHECK(false, "fused_round: sampler must be 0 (DDIM), 1 (DDRM) or 2 (DDNM), got ", sampler);
+    default: TORCH_CHECK(false, "fused_round: sampler must be ", int(kDDIM), " (DDIM), ", int(kDDRM),
+                         " (DDRM) or ", int(kDDNM), " (DDNM), got ", sampler);
   }
 }
 
@@ -161,8 +163,8 @@ void check_round_inputs(int64_t sampler, const at::Tensor& table, const at::Tens
   if (slopes.has_value()) {
     same(*slopes, "slopes");
     TORCH_CHECK(slopes->dim() == 3 && slopes->size(0) == W && (slopes->size(1) == 1 || slopes->size(1) == B) &&
-                    slopes->size(2) >= 1 && slopes->size(2) <= 3,
-                "fused_round: slopes must be [W, 1 or B, K<=3], got ", slopes->sizes());
+                    slopes->size(2) >= 1 && slopes->size(2) <= MAX_CLASSES,
+                "fused_round: slopes must be [W, 1 or B, K<=", MAX_CLASSES, "], got ", slopes->sizes());
   }
 }
 
@@ -236,12 +238,24 @@ std::string build_info() {
   return info;
 }
 
+// The layout this library was compiled with ("kDDIM=0 ... C_RSY=13", the values of
+// fused_round_layout.h): native.py compares it with deqir_fast/ops/layout.py at load.
+std::string layout() {
+  std::string out;
+#define DEQIR_LAYOUT_ITEM(name) \
+  out += (out.empty() ? "" : " ") + std::string(#name) + "=" + std::to_string(int(name));
+  DEQIR_LAYOUT_CONSTANTS(DEQIR_LAYOUT_ITEM)
+#undef DEQIR_LAYOUT_ITEM
+  return out;
+}
+
 }  // namespace deqir
 
 TORCH_LIBRARY(deqir_fast, m) {
   m.def("fused_round(int sampler, Tensor table, Tensor E, Tensor U, Tensor x_last, Tensor scale, "
         "Tensor? s, Tensor? ybar, Tensor? noise, Tensor? slopes) -> (Tensor, Tensor)");
   m.def("build_info() -> str");
+  m.def("layout() -> str");
   m.def("anderson_gram(Tensor G, int p, int[] slots, int r0, int r1) -> Tensor");
   m.def("anderson_mix(Tensor X, Tensor G, int[] slots, Tensor alpha, int r0, int r1, float damping) -> Tensor");
   m.def("anderson_mix_out(Tensor X, Tensor G, int[] slots, Tensor alpha, int r0, int r1, float damping, "
@@ -254,4 +268,5 @@ TORCH_LIBRARY_IMPL(deqir_fast, CPU, m) {
 
 TORCH_LIBRARY_IMPL(deqir_fast, CompositeExplicitAutograd, m) {
   m.impl("build_info", &deqir::build_info);
+  m.impl("layout", &deqir::layout);
 }

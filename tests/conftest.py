@@ -41,3 +41,67 @@ def make_problem(schedule, kind, op_name, S, batch, sigma_y=0.0, shape=(3, 8, 8)
     else:
         chain = dq.DDNM(schedule, ts, operator=op, y=y, sigma_y=sigma_y, eta=0.3)
     return model, chain, x_T
+
+
+class HeavyBall:
+    """A user's update rule, registered as ``solve(..., solver="heavy_ball")`` by
+    ``register_heavy_ball``: X' = F(X) + β (X - X_prev), β = ``momentum``, with X_prev the
+    step's iterate of the round before, kept per step by absolute step (a ring of
+    ``ctx.rows`` rows, like the Anderson history) and exported with a step that moves to
+    another rank. It exercises the whole rule contract: options, ``start``, the context,
+    empty blocks, ``forget`` and the per-step history (tests/test_solvers.py,
+    tests/test_distributed.py)."""
+
+    uses_residual = False
+
+    def __init__(self, momentum: float = 0.3):
+        self.momentum = momentum
+
+    def start(self, ctx):
+        self.prev = ctx.like.new_zeros((ctx.rows, *ctx.like.shape))
+        self.step_of = torch.full((ctx.rows,), -1, dtype=torch.int64)
+
+    def __call__(self, X, FX, G, ctx):
+        steps = torch.arange(ctx.a, ctx.b)
+        rows = steps % self.prev.shape[0]
+        seen = (self.step_of[rows] == steps).view(-1, *([1] * (X.dim() - 1))).to(X.device)
+        moved = torch.where(seen, X - self.prev[rows.to(X.device)], torch.zeros_like(X))
+        self.prev[rows.to(X.device)] = X
+        self.step_of[rows] = steps
+        return FX + self.momentum * moved
+
+    def drop(self, n):
+        pass
+
+    def forget(self):
+        self.step_of.fill_(-1)
+
+    def export_steps(self, s0, s1):
+        rows = torch.arange(s0, s1) % self.prev.shape[0]
+        return [self.prev[rows.to(self.prev.device)], self.step_of[rows].to(self.prev.dtype)]
+
+    def import_steps(self, s0, s1, tensors):
+        rows = torch.arange(s0, s1) % self.prev.shape[0]
+        self.prev[rows.to(self.prev.device)] = tensors[0]
+        self.step_of[rows] = tensors[1].to("cpu").to(torch.int64)
+
+
+def register_heavy_ball():
+    from deqir_fast.solvers import register_solver
+    register_solver("heavy_ball")(HeavyBall)
+
+
+class HalfDamped:
+    """A stateless user rule that reads G (``uses_residual``): X' = X + G/2. Registered as
+    ``solve(..., solver="half_damped")`` by ``register_half_damped``; in a sharded solve a
+    rank without steps calls it with an empty block, G included."""
+
+    uses_residual = True
+
+    def __call__(self, X, FX, G):
+        return X + 0.5 * G
+
+
+def register_half_damped():
+    from deqir_fast.solvers import register_solver
+    register_solver("half_damped")(HalfDamped)

@@ -8,7 +8,8 @@ import math
 import torch
 
 import deqir_fast as dq
-from deqir_fast.ops.fused_round import NUM_CLASSES, KernelSpec, step_table, window_coefficients
+from deqir_fast.ops.fused_round import KernelSpec, step_table, window_coefficients
+from deqir_fast.ops.layout import NUM_CLASSES
 
 SCHEDULE = dq.Schedule.linear(1000, beta_start=1e-4, beta_end=0.02)
 

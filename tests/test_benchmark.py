@@ -1,5 +1,6 @@
-"""`deqir-fast bench` (deqir_fast/benchmark.py, telemetry.py) on tiny configurations: the
-JSON has every field, the plots are written, and parity errors are reported, not hidden."""
+"""`deqir-fast bench` (deqir_fast/benchmark/, deqir_fast/cli/bench.py, telemetry.py) on tiny
+configurations: the JSON has every field, the plots are written, and parity errors are
+reported, not hidden."""
 import dataclasses
 import json
 import os
@@ -143,7 +144,7 @@ def test_bench_needs_nothing_outside_the_package(tmp_path):
     bench on the bundled model, whose chains and model come from deqir_fast.calibration.
     Its report names no git commit: the copy is not a checkout, though a repository
     surrounds it."""
-    source = Path(bench.__file__).resolve().parent
+    source = Path(dq.__file__).resolve().parent
     # installed as into a venv that sits inside some git repository (as .venv in a checkout)
     site = tmp_path / "site"
     shutil.copytree(source, site / "deqir_fast", ignore=shutil.ignore_patterns("__pycache__"))

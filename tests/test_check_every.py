@@ -22,7 +22,7 @@ def test_every_k_rounds_reaches_the_serial_answer(schedule, kind, op_name, sigma
     model, chain, x_T = make_problem(schedule, kind, op_name, S, 2, sigma_y, seed=k)
     serial = dq.sample_serial(model, chain, x_T, generator=gen(), return_states=True)
     res = dq.solve(model, chain, x_T, generator=gen(), solver=solver, tol=1e-10, window=window,
-                   check_every=k)
+                   options=dq.SolveOptions(check_every=k))
     assert res.converged and res.iterations <= S
     assert (res.states - serial).abs().max().item() <= 1e-8 * serial.abs().max().item()
     assert res.residuals.shape == (res.iterations, S)
@@ -35,8 +35,8 @@ def test_picard_is_exact_after_S_rounds_whatever_k(schedule, k):
     S = 12
     model, chain, x_T = make_problem(schedule, "ddim", None, S, 2, seed=3)
     serial = dq.sample_serial(model, chain, x_T, return_states=True)
-    res = dq.solve(model, chain, x_T, solver="picard", linearize="none", tol=0.0, check_every=k,
-                   init="x_T")
+    res = dq.solve(model, chain, x_T, solver="picard", linearize="none", tol=0.0, init="x_T",
+                   options=dq.SolveOptions(check_every=k))
     assert res.converged and res.iterations <= S
     assert (res.states - serial).abs().max().item() <= 1e-13
     # the residual rows mark frozen steps with NaN: at least one more per round (exactly
@@ -49,7 +49,8 @@ def test_picard_is_exact_after_S_rounds_whatever_k(schedule, k):
 def test_check_every_one_is_todays_loop(schedule):
     model, chain, x_T = make_problem(schedule, "ddrm", "sr", 20, 2, 0.1, seed=8)
     a = dq.solve(model, chain, x_T, generator=gen(), solver="triangular_anderson")
-    b = dq.solve(model, chain, x_T, generator=gen(), solver="triangular_anderson", check_every=1)
+    b = dq.solve(model, chain, x_T, generator=gen(), solver="triangular_anderson",
+                 options=dq.SolveOptions(check_every=1))
     assert a.iterations == b.iterations and torch.equal(a.states, b.states)
     assert torch.equal(torch.nan_to_num(a.residuals, 7.0), torch.nan_to_num(b.residuals, 7.0))
 
@@ -57,7 +58,7 @@ def test_check_every_one_is_todays_loop(schedule):
 def test_not_converged_when_rounds_run_out(schedule):
     model, chain, x_T = make_problem(schedule, "ddim", None, 30, 1, seed=2)
     res = dq.solve(model, chain, x_T, solver="picard", linearize="none", tol=0.0, max_iter=5,
-                   init="x_T", check_every=2)
+                   init="x_T", options=dq.SolveOptions(check_every=2))
     assert res.iterations == 5 and not res.converged
     # tol = 0 freezes exactly one step a round while no residual is exactly 0 (every one
     # is > 2e-5 here: J = 0 from x_T, far from rounding on any CPU); the window only
@@ -70,7 +71,7 @@ def test_default_tolerance_within_one_grey_level_every_4(schedule):
     model, chain, x_T = make_problem(schedule, "ddrm", "inpainting", 50, 2, 0.05, seed=5,
                                      dtype=torch.float32)
     serial = dq.sample_serial(model, chain, x_T, generator=gen())
-    res = dq.solve(model, chain, x_T, generator=gen(), check_every=4)
+    res = dq.solve(model, chain, x_T, generator=gen(), options=dq.SolveOptions(check_every=4))
     assert res.converged
     assert (res.x0 - serial).abs().max().item() < 2 / 255
 
@@ -93,8 +94,11 @@ def test_scripted_stop_and_freeze_rules_on_the_device():
 
 def test_check_every_is_validated(schedule):
     model, chain, x_T = make_problem(schedule, "ddim", None, 4, 1)
-    with pytest.raises(ValueError, match="check_every must be >= 1"):
-        dq.solve(model, chain, x_T, check_every=0)
+    with pytest.raises(ValueError, match="check_every must be an int >= 1"):
+        dq.solve(model, chain, x_T, options=dq.SolveOptions(check_every=0))
+    # an expert option given to solve itself is refused with the way to pass it
+    with pytest.raises(TypeError, match=r"options=deqir_fast.SolveOptions\(check_every=3\)"):
+        dq.solve(model, chain, x_T, check_every=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none visible)")
@@ -111,10 +115,10 @@ def test_cuda_graph_replay_equals_eager(schedule, kind, linearize, window):
     if hasattr(chain, "y"):
         chain.y = chain.y.cuda()
     noise = torch.randn((30, *x_T.shape), generator=torch.Generator().manual_seed(2)).cuda()
-    kw = dict(noise=noise, solver="picard", linearize=linearize, tol=0.0, check_every=5,
-              window=window)
-    eager = dq.solve(model, chain, x_T, **kw)
-    graph = dq.solve(model, chain, x_T, cuda_graph=True, **kw)
+    kw = dict(noise=noise, solver="picard", linearize=linearize, tol=0.0, window=window)
+    eager = dq.solve(model, chain, x_T, options=dq.SolveOptions(check_every=5), **kw)
+    graph = dq.solve(model, chain, x_T, options=dq.SolveOptions(check_every=5, cuda_graph=True),
+                     **kw)
     assert graph.stats.graph_rounds > 0, graph.stats.graph_error
     assert graph.iterations == eager.iterations and graph.converged
     assert torch.allclose(graph.states, eager.states, rtol=0, atol=1e-5)
@@ -129,9 +133,10 @@ def test_cuda_graph_rounds_carry_the_serial_shadow():
     model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
     model, x_T = model.cuda(), x_T.cuda()
     chain.y = chain.y.cuda()
-    kw = dict(check_every=5, tol=1e-2)
+    kw = dict(tol=1e-2, options=dq.SolveOptions(check_every=5))
+    graphed = dict(tol=1e-2, options=dq.SolveOptions(check_every=5, cuda_graph=True))
     eager = dq.solve(model, chain, x_T, **kw)
-    graph = dq.solve(model, chain, x_T, cuda_graph=True, **kw)
+    graph = dq.solve(model, chain, x_T, **graphed)
     assert graph.stats.graph_rounds > 0, graph.stats.graph_error
     assert graph.stats.serial_mismatch is not None and graph.converged
     assert graph.stats.serial_mismatch == eager.stats.serial_mismatch
@@ -141,7 +146,7 @@ def test_cuda_graph_rounds_carry_the_serial_shadow():
     model, x_T = model.cuda(), x_T.cuda()
     noise = torch.randn((chain.num_steps, *x_T.shape), generator=torch.Generator().manual_seed(0)).cuda()
     eager = dq.solve(model, chain, x_T, noise=noise, **kw)
-    graph = dq.solve(model, chain, x_T, noise=noise, cuda_graph=True, **kw)
+    graph = dq.solve(model, chain, x_T, noise=noise, **graphed)
     assert graph.stats.graph_rounds > 0 and graph.stats.serial_mismatch is None
     assert graph.stats.shadow_deviation == graph.stats.shadow_deviation    # compared something
     assert graph.iterations == eager.iterations

@@ -283,7 +283,7 @@ def test_several_inputs_batched_into_a_folder(images, capsys):
 
 
 def test_modes_window_and_progress(images, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_NOTED", set())          # the note is shown once per process
+    monkeypatch.setattr(cli.reporting, "_NOTED", set())    # the note is shown once per process
     # auto on a CPU: serial, saying why in one line
     assert restore("low.png", "--task", "sr2", "--out", "a.png") == 0
     captured = capsys.readouterr()
@@ -468,7 +468,7 @@ def test_a_missing_extra_is_named_before_any_work(images, capsys, monkeypatch, c
         raise AssertionError("work started before the missing module was reported")
 
     monkeypatch.setattr(benchmark, "run_benchmark", no_work)
-    monkeypatch.setattr(cli, "load_model", no_work)
+    monkeypatch.setattr("deqir_fast.cli.restore.load_model", no_work)
     monkeypatch.setattr("deqir_fast.models.bundled_model", no_work)
     monkeypatch.setitem(sys.modules, module, None)          # import fails as if not installed
     before = listing(images)
@@ -526,7 +526,7 @@ def test_info_lists_only_usable_scan_backends(monkeypatch):
 
 
 def test_flags_that_cannot_act_are_reported(images, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_NOTED", set())
+    monkeypatch.setattr(cli.reporting, "_NOTED", set())
     serial = ["--task", "sr2", "--out", "a.png", "--steps", "2"]
     # solver options with a serial run: a note naming them
     assert cli.main(["restore", "low.png", *serial, "--mode", "serial", "--window", "2",
@@ -563,7 +563,7 @@ def test_flags_that_cannot_act_are_reported(images, capsys, monkeypatch):
 
 
 def test_auto_mode_note_once_per_process_and_quiet(images, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_NOTED", set())
+    monkeypatch.setattr(cli.reporting, "_NOTED", set())
     argv = ["restore", "low.png", "--task", "sr2", "--steps", "1", "--out", "a.png"]
     assert cli.main(argv + ["--quiet"]) == 0
     assert capsys.readouterr().err == ""                     # --quiet hides it

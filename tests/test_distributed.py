@@ -31,7 +31,10 @@ CASES = [
     ("ddim_eta", None, 7, None, "gaussian", False),
     ("ddrm", "inpainting", 11, 4, "secant", True, 3),      # stopped by max_iter mid-window
 ]
-SOLVERS = ("picard", "anderson", "triangular_anderson")
+# heavy_ball and half_damped: user-registered rules (conftest), one with per-step history
+# moving between ranks, one duck-typed that reads G (a rank without steps calls it on an
+# empty block, G too): they run sharded like the built-in ones (issue #23)
+SOLVERS = ("picard", "anderson", "triangular_anderson", "heavy_ball", "half_damped")
 # Which cases each world size runs: each covers all three chains, every solver, window
 # on and off and both splits; together every case (the file stays within a minute on a
 # 2-core machine)
@@ -119,6 +122,8 @@ def test_sharded_equals_single_process(world, launches):
         assert row["states_err"] <= 1e-10, row          # every state, not only x0
         assert row["x0_err"] <= 1e-10, row
         assert row["same_on_ranks"], row
+        assert row["rounds_marked"] == row["iters"], row
+        assert row["bytes_outside_rounds"] >= row["replicate_bytes"], row
         assert row["residuals_equal"], row
     if world == 2:
         assert codes == [0, 0], "\n".join(errs)
@@ -247,6 +252,9 @@ def _worker(rank, world, port, mode, out):
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         if mode.startswith("parity"):
+            from conftest import register_half_damped, register_heavy_ball
+            register_heavy_ball()
+            register_half_damped()
             rows = []
             cases = [CASES[i] for i in CASES_BY_WORLD.get(world, range(len(CASES)))]
             for kind, op, S, window, lin, reb, *max_iter in cases:
@@ -273,17 +281,22 @@ def _worker(rank, world, port, mode, out):
                                              and torch.allclose(rr.nan_to_num(), rs.nan_to_num(),
                                                                 rtol=1e-6, atol=1e-12)),
                         rebalances=res.stats.sharding.rebalances,
+                        # the per-round accounting covers the rounds, not the final gather
+                        rounds_marked=len(res.stats.sharding.round_bytes),
+                        bytes_outside_rounds=res.stats.sharding.bytes_sent
+                        - sum(res.stats.sharding.round_bytes),
+                        replicate_bytes=res.states.numel() * 8 * (world - 1) // world,
                         margin=_threshold_margin(torch.cat([rr.flatten(), rs.flatten()]),
                                                  kw["tol"])))
             # the implicit-gradient backward (grad="ift"), sharded the same way
             # dq.backward(res, ...) of a sharded solve shards its adjoint as well
             import deqir_fast.distributed as dd
-            real_adjoint, sharded_calls = dd.sharded_adjoint_gradients, []
+            real_adjoint, sharded_calls = dd.sharded_param_grads, []
 
             def counting_adjoint(*a, **k):
                 sharded_calls.append(1)
                 return real_adjoint(*a, **k)
-            dd.sharded_adjoint_gradients = counting_adjoint
+            dd.sharded_param_grads = counting_adjoint
             for kind, op, solver, window in GRAD_CASES:
                 model, chain, x_T = _problem(kind, op, 11, None)
                 got = []
@@ -291,7 +304,8 @@ def _worker(rank, world, port, mode, out):
                     x = x_T.clone().requires_grad_(True)
                     model.means.grad = None
                     res = dq.solve(model, chain, x, generator=torch.Generator().manual_seed(3),
-                                   solver=solver, tol=1e-9, grad_tol=1e-9, window=window,
+                                   solver=solver, tol=1e-9, window=window,
+                                   options=dq.SolveOptions(grad_tol=1e-9),
                                    process_group=pg)
                     w = torch.linspace(-1, 1, res.x0.numel(), dtype=res.x0.dtype).view_as(res.x0)
                     (res.x0 * w).sum().backward()
@@ -305,14 +319,15 @@ def _worker(rank, world, port, mode, out):
                                  param_err=((sp - gp).abs().max() / gp.abs().max()).item(),
                                  backward_err=((sbx - bx).abs().max() / bx.abs().max()).item(),
                                  backward_sharded=sharded))
-            dd.sharded_adjoint_gradients = real_adjoint
+            dd.sharded_param_grads = real_adjoint
             # bad input: a device the backend cannot move, options a sharded solve lacks
             from deqir_fast.distributed import check_device
             model, chain, x_T = _problem("ddim", None, 5, None)
             checks = {}
             for name, call in (
                     ("device", lambda: check_device(dist.group.WORLD, torch.device("meta"))),
-                    ("check_every", lambda: dq.solve(model, chain, x_T, check_every=2,
+                    ("check_every", lambda: dq.solve(model, chain, x_T,
+                                                     options=dq.SolveOptions(check_every=2),
                                                      process_group=dist.group.WORLD)),
                     ("group type", lambda: dq.solve(model, chain, x_T, process_group="gloo"))):
                 try:
@@ -320,21 +335,21 @@ def _worker(rank, world, port, mode, out):
                     checks[name] = "no error"
                 except (ValueError, TypeError) as e:
                     checks[name] = f"{type(e).__name__}: {e}"
-            # the sharded loop's window acceptance: steps_to_freeze is told whether the
+            # the window acceptance of a sharded solve: steps_to_freeze is told whether the
             # window ends the chain (a non-final window is accepted only at the freeze
-            # level); a spy on the function the sharded loop calls records what it passes
-            import deqir_fast.distributed as D
-            real_freeze, seen = D.steps_to_freeze, []
+            # level); a spy on the function the solver loop calls records what it passes
+            import deqir_fast.solvers.loop as L
+            real_freeze, seen = L.steps_to_freeze, []
 
             def spy(r, tol, freeze_ratio, last=True):
                 seen.append(last)
                 return real_freeze(r, tol, freeze_ratio, last)
-            D.steps_to_freeze = spy
+            L.steps_to_freeze = spy
             try:
                 res = dq.solve(model, chain, x_T, window=3, tol=1e-9, process_group=dist.group.WORLD,
                                generator=torch.Generator().manual_seed(3))
             finally:
-                D.steps_to_freeze = real_freeze
+                L.steps_to_freeze = real_freeze
             checks["window accept"] = dict(last=seen, rounds=res.iterations, S=chain.num_steps)
             # the serial shadow (docs/design.md §3d), sharded: DDNM with eta 0 on the mixture
             # prior amplifies its frozen residuals; the shadow's restart gives the serial states

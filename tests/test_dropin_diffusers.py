@@ -46,7 +46,8 @@ import pytest
 import torch
 
 import deqir_fast as dq
-from deqir_fast.diffusers_compat import draw_noise, eps_model, to_eps
+from deqir_fast.diffusers_compat import draw_noise, to_eps
+from deqir_fast.models import eps_model
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,  # noqa: E402
@@ -165,7 +166,7 @@ def test_ddim_steps_match_scheduler_step(spacing, offset, alpha_to_one, eta):
         for S in steps:
             sched = make_scheduler("ddim", timestep_spacing=spacing, steps_offset=offset,
                                    set_alpha_to_one=alpha_to_one, prediction_type=pt)
-            chain = dq.DDIM.from_diffusers(sched, S, eta=eta)
+            chain = dq.chain_from_diffusers(sched, S, eta=eta)
             assert isinstance(chain, dq.DDIM) and chain.prediction_type == pt
             assert _check_steps(sched, chain, S, eta) < BOUND[pt], (S, pt)
 
@@ -178,7 +179,7 @@ def test_ddpm_steps_match_scheduler_step(spacing, offset, variance):
         for S in steps:
             sched = make_scheduler("ddpm", timestep_spacing=spacing, steps_offset=offset,
                                    variance_type=variance, prediction_type=pt)
-            chain = dq.DDIM.from_diffusers(sched, S)
+            chain = dq.chain_from_diffusers(sched, S)
             assert isinstance(chain, dq.DDPM)
             assert torch.equal(chain.noise_draws, chain.timesteps > 0)     # booleans: exact
             assert _check_steps(sched, chain, S, 1.0) < BOUND[pt], (S, pt)
@@ -195,10 +196,10 @@ def test_beta_schedules(kind, betas):
     # object's is a copy of its tensor, the config's is computed by the same torch ops on
     # the same inputs in this process (same kernels), so bit equality holds on any CPU
     for source in (sched, sched_cfg):
-        s = dq.Schedule.from_diffusers(source)
+        s = dq.schedule_from_diffusers(source)
         assert torch.equal(s.alphas_cumprod.float(), sched.alphas_cumprod)
     for S in (10, 33):
-        chain = dq.DDIM.from_diffusers(sched, S, eta=0.5 if kind == "ddim" else None)
+        chain = dq.chain_from_diffusers(sched, S, eta=0.5 if kind == "ddim" else None)
         assert _check_steps(sched, chain, S, 0.5) < 1e-12
 
 
@@ -227,7 +228,7 @@ def test_draw_noise_matches_randn_tensor():
 def test_num_inference_steps_from_the_scheduler():
     sched = make_scheduler("ddim", timestep_spacing="trailing")
     sched.set_timesteps(30)
-    chain = dq.DDIM.from_diffusers(sched)
+    chain = dq.chain_from_diffusers(sched)
     assert torch.equal(chain.timesteps, sched.timesteps)               # integers: exact
     # ᾱ of each landing: t - T//S, not the next listed timestep (S=30 does not divide T);
     # exact: alpha_next holds copies of the scheduler's own float32 values
@@ -277,7 +278,7 @@ def test_serial_and_parallel_equal_the_diffusers_loop(unets, kind, spacing, offs
     unet = unets[pt]
     shape = (1, 3, 8, 8)
     ref = diffusers_loop(unet, sched, S, eta, torch.Generator().manual_seed(S), shape)
-    chain = dq.DDIM.from_diffusers(sched, S, eta=eta)
+    chain = dq.chain_from_diffusers(sched, S, eta=eta)
     x_T, noise = draw_noise(chain, shape, torch.Generator().manual_seed(S))
     model = eps_model(unet, sched)
     with torch.no_grad():
@@ -292,58 +293,72 @@ def test_serial_and_parallel_equal_the_diffusers_loop(unets, kind, spacing, offs
 @pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler])
 def test_clip_sample_default_is_a_clear_error(cls):
     with pytest.raises(ValueError, match=r"clip_sample=True.*BY DEFAULT.*clip_sample=False"):
-        dq.DDIM.from_diffusers(cls(), 10)
+        dq.chain_from_diffusers(cls(), 10)
 
 
 @pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler])
 def test_thresholding_is_a_clear_error(cls):
     with pytest.raises(ValueError, match=r"thresholding=True.*thresholding=False"):
-        dq.DDIM.from_diffusers(cls(clip_sample=False, thresholding=True), 10)
+        dq.chain_from_diffusers(cls(clip_sample=False, thresholding=True), 10)
 
 
 @pytest.mark.parametrize("variance", ["learned", "learned_range", "fixed_large_log"])
 def test_non_affine_ddpm_variances_are_clear_errors(variance):
     with pytest.raises(ValueError, match=rf"variance_type='{variance}'.*fixed_small"):
-        dq.DDIM.from_diffusers(DDPMScheduler(clip_sample=False, variance_type=variance), 10)
+        dq.chain_from_diffusers(DDPMScheduler(clip_sample=False, variance_type=variance), 10)
 
 
 def test_other_unsupported_settings_are_clear_errors():
     for other in (EulerDiscreteScheduler(), PNDMScheduler()):
         with pytest.raises(ValueError, match=r"unsupported scheduler.*DDIMScheduler\.from_config"):
-            dq.DDIM.from_diffusers(other, 10)
+            dq.chain_from_diffusers(other, 10)
     with pytest.raises(ValueError, match="DDPMScheduler has no eta"):
-        dq.DDIM.from_diffusers(DDPMScheduler(clip_sample=False), 10, eta=0.5)
+        dq.chain_from_diffusers(DDPMScheduler(clip_sample=False), 10, eta=0.5)
     with pytest.raises(ValueError, match="eta"):
-        dq.DDIM.from_diffusers(DDIMScheduler(clip_sample=False), 10, eta=1.5)
+        dq.chain_from_diffusers(DDIMScheduler(clip_sample=False), 10, eta=1.5)
     with pytest.raises(ValueError, match="cannot be larger"):
-        dq.DDIM.from_diffusers(DDIMScheduler(clip_sample=False), 1001)
+        dq.chain_from_diffusers(DDIMScheduler(clip_sample=False), 1001)
     # leading, offset 1, 1000 steps: t = 1000; diffusers' step raises IndexError there
     with pytest.raises(ValueError, match=r"up to 1000, outside \[0, 999\].*IndexError"):
-        dq.DDIM.from_diffusers(DDIMScheduler(clip_sample=False, steps_offset=1), 1000)
+        dq.chain_from_diffusers(DDIMScheduler(clip_sample=False, steps_offset=1), 1000)
     sched = DDIMScheduler(clip_sample=False, steps_offset=1)
     sched.set_timesteps(1000)
     with pytest.raises(IndexError):                    # the message's claim about diffusers
         sched.step(torch.zeros(1), sched.timesteps[0], torch.zeros(1))
     with pytest.raises(ValueError, match="num_inference_steps is required"):
-        dq.DDIM.from_diffusers(DDIMScheduler(clip_sample=False))
+        dq.chain_from_diffusers(DDIMScheduler(clip_sample=False))
     with pytest.raises(ValueError, match="timestep_spacing"):
-        dq.DDIM.from_diffusers({"_class_name": "DDIMScheduler", "clip_sample": False,
+        dq.chain_from_diffusers({"_class_name": "DDIMScheduler", "clip_sample": False,
                                 "timestep_spacing": "karras"}, 10)
     with pytest.raises(ValueError, match="beta_schedule"):
-        dq.Schedule.from_diffusers({"beta_schedule": "exp"})
+        dq.schedule_from_diffusers({"beta_schedule": "exp"})
     with pytest.raises(TypeError, match="scheduler"):
-        dq.Schedule.from_diffusers(3)
+        dq.schedule_from_diffusers(3)
     with pytest.raises(ValueError, match="prediction_type"):
         dq.models.EpsModel(torch.nn.Identity(), prediction_type="x0")
     with pytest.raises(ValueError, match="needs the schedule"):
         dq.models.EpsModel(torch.nn.Identity(), prediction_type="sample")
 
 
+def test_moved_adapter_names_say_where_they_went():
+    """Issue #23: the chains and schedules no longer import diffusers_compat (nor it the
+    models); each old name raises, naming its replacement."""
+    sched = DDIMScheduler(clip_sample=False)
+    with pytest.raises(AttributeError, match=r"use dq\.chain_from_diffusers\(scheduler"):
+        dq.DDIM.from_diffusers(sched, 10, eta=0.5)
+    with pytest.raises(AttributeError, match=r"use dq\.schedule_from_diffusers\(scheduler\)"):
+        dq.Schedule.from_diffusers(sched)
+    with pytest.raises(AttributeError, match=r"use deqir_fast\.models\.eps_model"):
+        dq.diffusers_compat.eps_model
+    assert dq.chain_from_diffusers is dq.diffusers_compat.chain_from_diffusers
+    assert dq.schedule_from_diffusers is dq.diffusers_compat.schedule_from_diffusers
+
+
 def test_config_dict_gives_the_same_chain():
     sched = make_scheduler("ddim", timestep_spacing="linspace", set_alpha_to_one=False)
     cfg = json.loads(sched.to_json_string())               # as read from scheduler_config.json
     assert cfg["_class_name"] == "DDIMScheduler"
-    a, b = dq.DDIM.from_diffusers(sched, 30, eta=0.5), dq.DDIM.from_diffusers(cfg, 30, eta=0.5)
+    a, b = dq.chain_from_diffusers(sched, 30, eta=0.5), dq.chain_from_diffusers(cfg, 30, eta=0.5)
     x = torch.randn(1, 3, 4, 4)
     ca, cb = a.coefficients(x, torch.randn(30, 1, 3, 4, 4)), b.coefficients(x, torch.zeros(30, 1, 3, 4, 4))
     # exact: the config's ᾱ is the object's bit for bit (see test_beta_schedules), and the
@@ -521,7 +536,7 @@ def diffusers_loop_fn(net, sched, S, eta, generator, shape, dtype):
 
 def _ours(net, sched, S, eta, seed, shape, dtype):
     """(serial, parallel with tol=0) on diffusers' draws, in ``dtype``."""
-    chain = dq.DDIM.from_diffusers(sched, S, eta=eta)
+    chain = dq.chain_from_diffusers(sched, S, eta=eta)
     x_T, noise = draw_noise(chain, shape, torch.Generator().manual_seed(seed), dtype=dtype)
     model = eps_model(net, sched)
     with torch.no_grad():
@@ -571,7 +586,7 @@ def test_trailing_overshoot_is_refused_and_says_what_diffusers_does(S):
     a = sched.alphas_cumprod[-1].double()
     assert close(out, -(1 - a).sqrt() / a.sqrt() * torch.ones_like(x), 1e-6)
     with pytest.raises(ValueError) as err:
-        dq.DDIM.from_diffusers(sched, S)
+        dq.chain_from_diffusers(sched, S)
     msg = str(err.value)
     assert "would fail" not in msg
     assert f"{S + 1} timesteps for {S} steps" in msg and "the last of them -1" in msg
@@ -579,7 +594,7 @@ def test_trailing_overshoot_is_refused_and_says_what_diffusers_does(S):
     # the suggested step counts work
     near = [int(n) for n in msg.split("num_inference_steps=")[1].split(",")[0].split(" or ")]
     for n in near:
-        assert len(dq.DDIM.from_diffusers(sched, n).timesteps) == n
+        assert len(dq.chain_from_diffusers(sched, n).timesteps) == n
 
 
 class StepOverride(DDIMScheduler):
@@ -605,21 +620,21 @@ class ConfigOnly(DDIMScheduler):
 def test_subclasses_that_override_the_step_are_refused():
     for cls, method in ((StepOverride, "step"), (TimestepsOverride, "set_timesteps")):
         with pytest.raises(TypeError, match=rf"{cls.__name__}.*overrides {method}"):
-            dq.DDIM.from_diffusers(cls(clip_sample=False), 10)
+            dq.chain_from_diffusers(cls(clip_sample=False), 10)
     # an override set on the instance counts too
     sched = DDIMScheduler(clip_sample=False)
     sched.step = lambda *a, **k: None
     with pytest.raises(TypeError, match=r"DDIMScheduler.*overrides step"):
-        dq.DDIM.from_diffusers(sched, 10)
+        dq.chain_from_diffusers(sched, 10)
     # a class merely named DDIMScheduler (not diffusers') is not taken for diffusers'
     fake = type("DDIMScheduler", (), {"config": dict(DDIMScheduler(clip_sample=False).config)})()
     with pytest.raises(ValueError, match="unsupported scheduler"):
-        dq.DDIM.from_diffusers(fake, 10)
+        dq.chain_from_diffusers(fake, 10)
 
 
 def test_subclasses_that_leave_the_step_alone_are_accepted():
     mine, base = ConfigOnly(clip_sample=False), DDIMScheduler(clip_sample=False)
-    a, b = dq.DDIM.from_diffusers(mine, 30, eta=0.5), dq.DDIM.from_diffusers(base, 30, eta=0.5)
+    a, b = dq.chain_from_diffusers(mine, 30, eta=0.5), dq.chain_from_diffusers(base, 30, eta=0.5)
     x = torch.randn(1, 3, 4, 4)
     ca, cb = a.coefficients(x, None), b.coefficients(x, None)
     # exact: the same config and a copy of the same ᾱ tensor give the same coefficients
@@ -640,7 +655,7 @@ def test_beta_schedules_accepted_as_each_class_accepts_them(cls):
             theirs = None
         if theirs is None:
             with pytest.raises(ValueError, match=rf"beta_schedule '{beta}'") as err:
-                dq.DDIM.from_diffusers(cfg, 10)
+                dq.chain_from_diffusers(cfg, 10)
             listed = [n.strip(" '") for n in str(err.value).split("accepts only ")[1]
                       .split(" (or")[0].split(",")]
             accepted = [b for b in ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace",
@@ -648,8 +663,8 @@ def test_beta_schedules_accepted_as_each_class_accepts_them(cls):
             assert listed == accepted
         else:
             # exact: the same float32 torch ops as the class's __init__, in this process
-            assert torch.equal(dq.Schedule.from_diffusers(cfg).alphas_cumprod.float(), theirs)
-            dq.DDIM.from_diffusers(cfg, 10)
+            assert torch.equal(dq.schedule_from_diffusers(cfg).alphas_cumprod.float(), theirs)
+            dq.chain_from_diffusers(cfg, 10)
 
 
 def _raises(cls, beta):
@@ -671,10 +686,10 @@ def test_zero_snr_leading_matches_the_diffusers_loop(kind, pt):
                                prediction_type=pt)
         assert float(sched.alphas_cumprod[-1]) == 0.0        # the rescaling's own claim
         eta = 0.5 if kind == "ddim" else None
-        chain = dq.DDIM.from_diffusers(sched, S, eta=eta)
+        chain = dq.chain_from_diffusers(sched, S, eta=eta)
         assert _check_steps(sched, chain, S, 0.5 if kind == "ddim" else 1.0) < 1e-12
         # the config alone gives the same ᾱ, zero included (exact: same torch ops)
-        assert torch.equal(dq.Schedule.from_diffusers(dict(sched.config)).alphas_cumprod.float(),
+        assert torch.equal(dq.schedule_from_diffusers(dict(sched.config)).alphas_cumprod.float(),
                            sched.alphas_cumprod)
     S, shape = 50, (1, 3, 4, 4)
     sched = make_scheduler(kind, rescale_betas_zero_snr=True, prediction_type=pt)
@@ -699,7 +714,7 @@ def test_zero_snr_is_refused_where_a_step_runs_at_alpha_zero(kind):
             why = "inf/NaN" if pt == "epsilon" else "cannot be written"
             with pytest.raises(ValueError, match=rf"rescale_betas_zero_snr=True sets ᾱ = 0 at "
                                                  rf"t = 999.*{spacing}.*{why}"):
-                dq.DDIM.from_diffusers(sched, S)
+                dq.chain_from_diffusers(sched, S)
     # the message's claims about diffusers' own loop there
     for pt, finite in (("epsilon", False), ("v_prediction", True)):
         sched = make_scheduler(kind, rescale_betas_zero_snr=True, timestep_spacing="trailing",

@@ -52,7 +52,8 @@ def test_solve_and_serial_pass_allow_tf32_to_the_system(schedule, allow):
         seen.append(flags())
         return model(x, t)
 
-    res = dq.solve(spy, chain, x_T, generator=torch.Generator().manual_seed(0), allow_tf32=allow)
+    res = dq.solve(spy, chain, x_T, generator=torch.Generator().manual_seed(0),
+                   options=dq.SolveOptions(allow_tf32=allow))
     assert res.handle.system.allow_tf32 is allow
     dq.sample_serial(spy, chain, x_T, generator=torch.Generator().manual_seed(0), allow_tf32=allow)
     assert seen      # on CPU the flags are never touched, whatever allow_tf32 says

@@ -49,12 +49,13 @@ class ScriptedSystem:
         return Off()
 
 
-def run(script, tol, window=None, **kw):
+def run(script, tol, window=None, max_iter=None, **options):
     system = ScriptedSystem(script)
     windows = []
     X = torch.zeros(system.S, 1, dtype=torch.float64)
     X, stats = fixed_point_solve(system, X, solver="picard", tol=tol, window=window,
-                                 callback=lambda i: windows.append(i["window"]), **kw)
+                                 max_iter=max_iter, options=dq.SolveOptions(**options),
+                                 callback=lambda i: windows.append(i["window"]))
     return windows, stats, X
 
 
@@ -108,7 +109,7 @@ def test_freezing_at_a_hundredth_of_tol_leaves_a_smaller_x0_error():
     serial = dq.sample_serial(model, chain, x_T)
     err = {}
     for ratio in (None, 0.1, 1.0):
-        kw = {} if ratio is None else {"freeze_ratio": ratio}
+        kw = {} if ratio is None else {"options": dq.SolveOptions(freeze_ratio=ratio)}
         res = dq.solve(model, chain, x_T, **kw)
         assert res.converged
         err[ratio] = (res.x0 - serial).abs().max().item()
@@ -206,6 +207,36 @@ def test_solver_registry_adds_a_solver_with_one_function(schedule):
         del SOLVERS["half_damped"]
 
 
+@pytest.mark.parametrize("check_every,window", [(1, None), (3, None), (1, 5), (4, 6)])
+def test_a_user_rule_with_per_step_history_runs_in_every_engine(schedule, check_every, window):
+    """A rule registered by the user (conftest.HeavyBall: momentum per step, kept by
+    absolute step) in the eager loop and the read-back engine, whole chain and sliding
+    window: the serial answer, and the rule was really used (its momentum changes the
+    rounds against Picard). The sharded engine runs it in tests/test_distributed.py."""
+    from conftest import register_heavy_ball
+    register_heavy_ball()
+    try:
+        model, chain, x_T = make_problem(schedule, "ddrm", "inpainting", 20, 2, 0.1, seed=6)
+        gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+        serial = dq.sample_serial(model, chain, x_T, generator=gen(), return_states=True)
+        kw = dict(tol=1e-10, window=window, linearize="none",
+                  options=dq.SolveOptions(check_every=check_every))
+        res = dq.solve(model, chain, x_T, solver="heavy_ball", generator=gen(), **kw)
+        picard = dq.solve(model, chain, x_T, solver="picard", generator=gen(), **kw)
+        assert res.converged and res.iterations <= 20
+        assert (res.states - serial).abs().max().item() <= 1e-8 * serial.abs().max().item()
+        assert res.iterations != picard.iterations or not torch.equal(res.residuals, picard.residuals)
+        # its own option, through SolveOptions.rule_options; an option it lacks is refused
+        fast = dq.solve(model, chain, x_T, solver="heavy_ball", generator=gen(),
+                        **dict(kw, options=dq.SolveOptions(check_every=check_every,
+                                                           rule_options={"momentum": 0.0})))
+        assert torch.equal(fast.residuals.nan_to_num(-1.0), picard.residuals.nan_to_num(-1.0))
+        with pytest.raises(ValueError, match="history is not an option of solver='heavy_ball'"):
+            dq.solve(model, chain, x_T, solver="heavy_ball", options=dq.SolveOptions(history=3))
+    finally:
+        del SOLVERS["heavy_ball"]
+
+
 # The README's example (GMM prior, DDRM-100 inpainting) and its DDNM and DDIM (eta 0.5)
 # variants, each with its random draws from torch.manual_seed(seed). Under the old
 # default (triangular Anderson, J = 0, freezing at tol) seed 5470379518247383477 returned
@@ -242,7 +273,7 @@ def test_low_precision_history_reaches_serial_in_the_same_rounds(ddpm_like_probl
     model, chain, x_T, serial = ddpm_like_problem
     run = lambda **kw: dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(0),  # noqa: E731
                                 solver=solver, window=window, **kw)
-    full, low = run(), run(history_dtype=history_dtype)
+    full, low = run(), run(options=dq.SolveOptions(history_dtype=history_dtype))
     assert low.converged and (low.x0 - serial).abs().max().item() < 2 / 255
     assert low.iterations <= 1.2 * full.iterations, (low.iterations, full.iterations)
 
@@ -269,7 +300,8 @@ def test_converged_means_within_one_grey_level_with_eta_zero(kind):
 def test_serial_shadow_restarts_where_the_chain_amplifies_frozen_residuals(check_every, window):
     model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
     serial = dq.sample_serial(model, chain, x_T, return_states=True)
-    res = dq.solve(model, chain, x_T, check_every=check_every, window=window)
+    res = dq.solve(model, chain, x_T, window=window,
+                   options=dq.SolveOptions(check_every=check_every))
     assert res.stats.serial_mismatch is not None
     assert res.converged and res.iterations <= chain.num_steps
     # the states the shadow passed are its serial ones, and from its exact state on only
@@ -278,7 +310,7 @@ def test_serial_shadow_restarts_where_the_chain_amplifies_frozen_residuals(check
     assert torch.equal(res.states, serial)
     if (check_every, window) == (1, None):
         # the hazard the shadow is there for: without it the same solve claims convergence
-        unchecked = dq.solve(model, chain, x_T, serial_shadow=False)
+        unchecked = dq.solve(model, chain, x_T, options=dq.SolveOptions(serial_shadow=False))
         assert unchecked.converged and unchecked.stats.serial_mismatch is None
         assert (unchecked.x0 - serial[-1]).abs().max().item() > 2 / 255
 
@@ -288,14 +320,16 @@ def test_states_the_serial_shadow_passed_are_the_serial_ones(check_every):
     model, chain, x_T = dq.testing.readme_problem("DDRM", 1)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     serial = dq.sample_serial(model, chain, x_T, generator=gen(), return_states=True)
-    res = dq.solve(model, chain, x_T, generator=gen(), check_every=check_every)
+    res = dq.solve(model, chain, x_T, generator=gen(),
+                   options=dq.SolveOptions(check_every=check_every))
     K = res.iterations
     assert res.converged and res.stats.serial_mismatch is None and K > 10
     assert torch.equal(res.states[:K - 1], serial[:K - 1])   # the shadow reached step K - 1
     assert not torch.equal(res.states, serial)                # the rest to tolerance only
 
 
-@pytest.mark.parametrize("kw", [dict(tol=0.0), dict(freeze_ratio=0.0), dict(serial_shadow=False)])
+@pytest.mark.parametrize("kw", [dict(tol=0.0), dict(options=dq.SolveOptions(freeze_ratio=0.0)),
+                                dict(options=dq.SolveOptions(serial_shadow=False))])
 def test_serial_shadow_runs_only_where_a_frozen_state_can_be_inexact(kw):
     """With tol * freeze_ratio = 0 every frozen state is the serial one already: no shadow
     (nor its step evaluation per round in ``nfe``)."""
@@ -309,9 +343,8 @@ def test_serial_shadow_runs_only_where_a_frozen_state_can_be_inexact(kw):
 
 
 def test_serial_shadow_must_be_a_bool():
-    model, chain, x_T = dq.testing.readme_problem("DDIM", 0)
     with pytest.raises(TypeError, match="serial_shadow must be True or False"):
-        dq.solve(model, chain, x_T, serial_shadow="yes")
+        dq.SolveOptions(serial_shadow="yes")
 
 
 @pytest.mark.parametrize("check_every,window", [(1, None), (3, None), (1, 20)])
@@ -325,7 +358,7 @@ def test_the_shadow_checks_the_state_a_sliding_window_carries(check_every, windo
         model, chain, x_T = dq.testing.readme_problem("DDNM", seed, eta=0.0)
         serial = dq.sample_serial(model, chain, x_T)
         res = dq.solve(model, chain, x_T, linearize="none", tol=1e-3, window=window,
-                       check_every=check_every)
+                       options=dq.SolveOptions(check_every=check_every))
         assert res.converged and res.stats.serial_mismatch is not None, seed
         assert (res.x0 - serial).abs().max().item() < 2 / 255, seed
 
@@ -345,7 +378,8 @@ def test_the_shadow_compares_exactly_the_steps_frozen_before_it_reaches_them(che
     read-back compares them all (none missed, none unfrozen)."""
     model, chain, x_T = dq.testing.readme_problem("DDRM", 1)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    res = dq.solve(model, chain, x_T, generator=gen(), check_every=check_every, window=window)
+    res = dq.solve(model, chain, x_T, generator=gen(), window=window,
+                   options=dq.SolveOptions(check_every=check_every))
     assert res.converged and res.stats.serial_mismatch is None
     checked = res.stats.shadow_checked
     assert checked == _steps_frozen_before_their_round(res, res.iterations)
@@ -357,7 +391,8 @@ def test_the_shadow_stops_comparing_after_its_restart(check_every, window):
     """Up to the round that found the mismatch the rule above holds; the restart then
     freezes exact states only and the shadow is done."""
     model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
-    res = dq.solve(model, chain, x_T, check_every=check_every, window=window)
+    res = dq.solve(model, chain, x_T, window=window,
+                   options=dq.SolveOptions(check_every=check_every))
     bad = res.stats.serial_mismatch
     assert bad is not None and bad in res.stats.shadow_checked
     checked = [p for p in res.stats.shadow_checked if p <= bad]
@@ -389,10 +424,28 @@ def test_the_secant_refits_only_from_rounds_after_a_shadow_restart(check_every, 
     monkeypatch.setattr(Linearization, "forget_rounds", forget)
     model, chain, x_T = dq.testing.readme_problem("DDNM", 0, eta=0.0)
     serial = dq.sample_serial(model, chain, x_T, return_states=True)
-    res = dq.solve(model, chain, x_T, check_every=check_every, window=window)
+    res = dq.solve(model, chain, x_T, window=window,
+                   options=dq.SolveOptions(check_every=check_every))
     assert res.stats.serial_mismatch is not None and torch.equal(res.states, serial)
     kinds = [k for k, _ in events]
     assert kinds.count("forget") == 1
     after = events[kinds.index("forget") + 1:]
     assert after and after[0] == ("refit", False)          # nothing left to pair with
     assert any(seen for _, seen in after[1:])               # then the new rounds pair up
+
+
+@pytest.mark.parametrize("option", [dict(anderson_damping=0.5), dict(anderson_reg=10.0),
+                                    dict(history=2)])
+def test_anderson_options_reach_the_rule(schedule, option):
+    """Each Anderson option changes the iterates (the rule got it) and the solve still
+    reaches the serial answer; Picard refuses them rather than ignore them."""
+    model, chain, x_T = make_problem(schedule, "ddrm", "inpainting", 30, 2, 0.1, seed=3)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    serial = dq.sample_serial(model, chain, x_T, generator=gen())
+    kw = dict(solver="anderson", linearize="none", tol=1e-10)
+    default = dq.solve(model, chain, x_T, generator=gen(), **kw)
+    res = dq.solve(model, chain, x_T, generator=gen(), options=dq.SolveOptions(**option), **kw)
+    assert res.converged and (res.x0 - serial).abs().max().item() < 1e-8
+    assert not torch.equal(res.residuals.nan_to_num(-1.0), default.residuals.nan_to_num(-1.0))
+    with pytest.raises(ValueError, match="not an option of solver='picard'"):
+        dq.solve(model, chain, x_T, solver="picard", options=dq.SolveOptions(**option))

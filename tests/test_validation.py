@@ -64,7 +64,7 @@ def cases(schedule, model, ts, x_T, op, y):
         # reading back every 3 rounds (the serial shadow's states are checked at the read)
         ("step 2", lambda: dq.solve(
             lambda x, t: torch.where((t == int(ts[2])).view(-1, 1, 1, 1), x * float("nan"), x),
-            ddim, x_T, check_every=3)),
+            ddim, x_T, options=dq.SolveOptions(check_every=3))),
         ("model", lambda: dq.solve(lambda x, t: "eps", ddim, x_T)),
         ("model", lambda: dq.solve("not a model", ddim, x_T)),
         ("chain", lambda: dq.solve(model, "ddim", x_T)),
@@ -99,4 +99,4 @@ def test_history_dtype_must_be_a_floating_dtype(bad, exc):
     import deqir_fast as dq
     model, chain, x_T = dq.testing.readme_problem("DDIM", 0)
     with pytest.raises(exc, match="history_dtype"):
-        dq.solve(model, chain, x_T, solver="anderson", history_dtype=bad, max_iter=1)
+        dq.SolveOptions(history_dtype=bad)

@@ -12,6 +12,17 @@ from deqir_fast.ops.fused_round import fused_round, fused_round_reference  # noq
 from kernel_cases import GRID, call, cast, make_case, within_criterion  # noqa: E402
 
 failures = []
+# the kernel's constexprs carry deqir_fast/ops/layout.py's values (one definition)
+from deqir_fast.ops import layout, triton_round  # noqa: E402
+values = {"NS": layout.NS, **layout.COLUMNS,
+          **{k.upper(): v for k, v in layout.SAMPLERS.items()}}
+for name, value in values.items():
+    got = getattr(getattr(triton_round, name, None), "value", None)
+    if got != value:
+        failures.append(f"triton_round.{name} is {got}, deqir_fast/ops/layout.py has {value}")
+if failures:                                      # every case below would be wrong anyway
+    print("\n".join(failures))
+    sys.exit(1)
 only = os.environ.get("TRITON_CHECK_ONLY")        # a subset, e.g. "0,3" (debugging)
 for k, (sampler, kw) in enumerate(GRID):
     if only and str(k) not in only.split(","):

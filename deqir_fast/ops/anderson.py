@@ -9,7 +9,7 @@ steps that feed it).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -108,6 +108,29 @@ class AndersonRing:
         self.step_of.fill_(-1)
         self.count = 0
 
+    def skip(self) -> None:
+        """Advance the history without an entry: a rank of a sharded solve with no steps
+        this round keeps the slot count of its peers, so every rank agrees on which slot
+        is which round's entry."""
+        self.count += 1
+
+    def export_rows(self, s0: int, s1: int):
+        """The history of steps s0..s1-1 (their rows of every entry, Gram rows and which
+        entry saw them), for a step moving to another rank's ring of the same shape."""
+        rws = torch.arange(s0, s1) % self.rows
+        rd = rws.to(self.gram.device)
+        return [self.X[:, rd], self.G[:, rd], self.gram[rd],
+                self.step_of[:, rws].to(torch.float64).to(self.gram.device)]
+
+    def import_rows(self, s0: int, s1: int, tensors) -> None:
+        """``export_rows``'s tensors of steps s0..s1-1 into this ring's rows."""
+        rws = torch.arange(s0, s1) % self.rows
+        rd = rws.to(self.gram.device)
+        self.X[:, rd] = tensors[0]
+        self.G[:, rd] = tensors[1]
+        self.gram[rd] = tensors[2]
+        self.step_of[:, rws] = tensors[3].to("cpu").to(torch.int64)
+
     def held(self):
         """Slots of the entries held, oldest first."""
         h = min(self.count, self.m)
@@ -158,10 +181,16 @@ class AndersonRing:
                     self.gram[c:e, :, j, p] = dots
 
     def mix(self, lo: int, hi: int, *, reg: float = 1e-4, damping: float = 1.0,
-            prefix: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            prefix: bool = False, out: Optional[torch.Tensor] = None,
+            offset: Optional[Callable] = None) -> torch.Tensor:
         """The mixed iterate of steps lo..hi-1, [hi-lo, *item]: Σ_j α_j (X_j + d G_j),
         written into ``out`` when given (e.g. the solver's own X[lo:hi]: the ring holds
-        copies of the entries, so it may alias the newest iterate)."""
+        copies of the entries, so it may alias the newest iterate).
+
+        ``offset`` (with ``prefix``; a block of a sharded window): a function of this
+        block's summed masked Gram matrices [B, h, h] returning the sum over the window's
+        steps before ``lo``, called exactly once (with None when there is no Gram to sum:
+        it is a collective its peers wait in)."""
         slots = self.held()
         if not slots:
             raise RuntimeError("AndersonRing.mix before any push")
@@ -170,12 +199,21 @@ class AndersonRing:
         if out is None:
             out = self.X.new_empty((W, *self.item_shape))
         if len(slots) == 1:                       # one entry: a damped Picard step
+            if prefix and offset is not None:
+                offset(None)
             p = slots[0]
             for w, r, n in segs:
                 torch.add(self.X[p, r:r + n], self.G[p, r:r + n], alpha=damping, out=out[w:w + n])
             return out
         H, valid, vd = self.masked_gram(lo, hi, slots, segs)
-        alpha = anderson_weights(H, vd, reg=reg, prefix=prefix).to(self.X.dtype)   # [W, B, h]
+        if prefix and offset is not None:
+            # cumsum from the exclusive prefix of the earlier blocks: the first row adds
+            # the offset, then the block's own steps in order, as the single process does
+            H = H.clone()
+            H[0] += offset(H.sum(0))
+            alpha = anderson_weights(H.cumsum(0), vd, reg=reg, prefix=False).to(self.X.dtype)
+        else:
+            alpha = anderson_weights(H, vd, reg=reg, prefix=prefix).to(self.X.dtype)   # [W, B, h]
         return self.apply_weights(alpha, valid, vd, slots, segs, damping, out)
 
     def masked_gram(self, lo: int, hi: int, slots, segs):

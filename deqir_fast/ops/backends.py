@@ -123,6 +123,18 @@ def _choose(device: torch.device) -> Tuple[str, str]:
     return "torch", "auto: " + ("; ".join(skipped) if skipped else "no kernel for this device")
 
 
+def scan_backend(E: torch.Tensor) -> str:
+    """The backend ``scan.affine_scan`` uses for E: 'triton' when DEQIR_FAST_BACKEND=triton
+    (CUDA, or the interpreter) and the chain has fewer than 2^31 values (the kernel
+    indexes with 32-bit offsets), else 'reference'."""
+    if forced() == "triton" and E.numel() < 2 ** 31:
+        ok, why = triton_available(E.device)
+        if not ok:
+            raise ValueError(f"DEQIR_FAST_BACKEND=triton {why}")
+        return "triton"
+    return "reference"
+
+
 def needs_validation(backend: str, device: torch.device, sampler: str, dtype) -> bool:
     if backend == "torch" or forced() != "auto":
         return False
@@ -158,7 +170,6 @@ def info_lines(devices) -> List[Tuple[str, str]]:
     """What ``deqir-fast info`` prints about the kernels: the backends, the setting, the
     native build, and for each device the backend each op gets and why. Never raises."""
     from . import native
-    from .scan import scan_backend
     try:
         setting = forced()
     except ValueError as exc:

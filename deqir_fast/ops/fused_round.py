@@ -28,20 +28,12 @@ from typing import Optional, Tuple
 
 import torch
 
-SAMPLERS = {"ddim": 0, "ddrm": 1, "ddnm": 2}
-NUM_CLASSES = {"ddim": 1, "ddrm": 3, "ddnm": 3}
-NS = 16                       # columns of the per-step scalar table
-
-# Column layout of ``step_table`` (shared with kernels/fused_round.h and triton_round.py).
-# Every sampler: P0, Q0, Z0 = P, Q, kZ of its "default" class (DDIM: every element;
-# DDRM: missing, s = 0 or the tie s·σ' = σ_y; DDNM: null space).
-C_P0, C_Q0, C_Z0 = 0, 1, 2
-# DDRM: class 2 (noisier than y) P and Q, r·η_b, r·sqrt(1-η²)σ'/σ_y (kY of class 1),
-# sqrt(1-η²)σ'/σ_y, r/sqrt(a), r·sqrt(1-a)/sqrt(a), r = sqrt(a'), σ', σ'², σ_y·η_b, σ_y.
-C_P2, C_Q2, C_REB, C_KYA, C_KSNSY = 3, 4, 5, 6, 7
-C_PA, C_QA, C_R, C_SN, C_SN2, C_SYEB, C_SY = 8, 9, 10, 11, 12, 13, 14
-# DDNM reuses C_PA, C_QA, C_R, C_SN (σ' = sqrt(1-a')), C_SN2, and: sqrt(1-η²), η, r·σ_y.
-C_KEEP, C_ETA, C_RSY = 3, 4, 13
+# The sampler ids, NS and the columns of ``step_table`` (C_P0, C_Q0, ...; what each holds)
+# are defined once in ``layout.py``, which the kernels also read (triton_round.py as
+# constexprs, kernels/ through the header generated from it).
+from .layout import (C_ETA, C_KEEP, C_KSNSY, C_KYA, C_P0, C_P2, C_PA, C_Q0, C_Q2,  # noqa: F401
+                     C_QA, C_R, C_REB, C_RSY, C_SN, C_SN2, C_SY, C_SYEB, C_Z0, NS, NUM_CLASSES,
+                     SAMPLERS)
 
 
 @dataclass(frozen=True)

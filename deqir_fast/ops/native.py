@@ -68,10 +68,27 @@ def status() -> NativeStatus:
                                                                if hasattr(op, "_qualified_op_name")
                                                                else "deqir_fast::fused_round", "CUDA")
         info = str(torch.ops.deqir_fast.build_info())
+        wrong = _layout_mismatches(path)
     except Exception as exc:      # a stale or foreign build: report it, never crash the import
         return NativeStatus(False, f"failed to load {path.name}: {type(exc).__name__}: {exc}")
+    if wrong:
+        return NativeStatus(False, f"{path.name} was compiled with another fused-round layout "
+                                   f"than deqir_fast/ops/layout.py ({'; '.join(wrong[:3])}): a stale "
+                                   "build; rebuild with `pip install --no-build-isolation -e .`",
+                            str(path), False, info)
     _register_fake()
     return NativeStatus(True, f"loaded {path.name}", str(path), bool(cuda), info)
+
+
+def _layout_mismatches(path: Path) -> list:
+    """What the library's compiled-in layout (``deqir_fast::layout``, the values of
+    kernels/fused_round_layout.h when it was built) gets wrong against ``layout.py``;
+    a library without the op predates the check and counts as stale."""
+    from . import layout
+    if not hasattr(torch.ops.deqir_fast, "layout"):
+        return [f"{path.name} has no layout() op"]
+    found = layout.parse_describe(str(torch.ops.deqir_fast.layout()))
+    return layout.mismatches(found, path.name)
 
 
 def _register_fake() -> None:

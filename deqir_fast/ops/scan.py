@@ -11,9 +11,9 @@ at the first step u_0 = U_0 (the carry), so its correction is exactly 0.
 ``affine_scan`` is the generic scan (any P, Q, J tensors): the adjoint system, chains
 without a kernel spec and ParaDiGMS' per-element J. DDIM, DDRM and DDNM solves run the
 fused round instead (``fused_round.py``). Its backend follows ``DEQIR_FAST_BACKEND``
-(read once, ``backends.py``): ``triton`` runs ``triton_scan.py`` (on CPU only with
-``TRITON_INTERPRET=1`` set before triton is imported); everything else, ``auto``
-included, runs this file's pure PyTorch, until ``bench/gpu_check.sh`` has timed the
+(read once; ``backends.scan_backend`` chooses): ``triton`` runs ``triton_scan.py`` (on
+CPU only with ``TRITON_INTERPRET=1`` set before triton is imported); everything else,
+``auto`` included, runs this file's pure PyTorch, until ``bench/gpu_check.sh`` has timed the
 Triton scan on a GPU. There is no native generic scan.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import backends
+from .backends import scan_backend     # the choice lives with the others (also ops.scan_backend)
 
 BACKENDS = ("auto", "reference", "torch", "native", "triton")   # accepted settings
 
@@ -33,18 +33,6 @@ def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[t
     parallel solve's fixed point is the serial sampler's result bit for bit."""
     out = P * u + Q * e
     return out if R is None else out + R
-
-
-def scan_backend(E: torch.Tensor) -> str:
-    """The backend ``affine_scan`` uses for E: 'triton' when DEQIR_FAST_BACKEND=triton
-    (CUDA, or the interpreter) and the chain has fewer than 2^31 values (the kernel
-    indexes with 32-bit offsets), else 'reference'."""
-    if backends.forced() == "triton" and E.numel() < 2 ** 31:
-        ok, why = backends.triton_available(E.device)
-        if not ok:
-            raise ValueError(f"DEQIR_FAST_BACKEND=triton {why}")
-        return "triton"
-    return "reference"
 
 
 def affine_scan(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, R: Optional[torch.Tensor],

@@ -18,6 +18,35 @@ import torch
 import triton
 import triton.language as tl
 
+from . import layout as L
+
+# The fused round's layout (``layout.py``, the one definition the reference and the C++/
+# CUDA kernels also read) as compile-time constants: the sampler ids the ``SAMPLER``
+# flag takes, the table's row length and its columns. tests/test_layout.py checks that
+# each name here carries layout.py's value of the same name.
+DDIM = tl.constexpr(L.SAMPLERS["ddim"])
+DDRM = tl.constexpr(L.SAMPLERS["ddrm"])
+DDNM = tl.constexpr(L.SAMPLERS["ddnm"])
+NS = tl.constexpr(L.NS)
+C_P0 = tl.constexpr(L.C_P0)
+C_Q0 = tl.constexpr(L.C_Q0)
+C_Z0 = tl.constexpr(L.C_Z0)
+C_P2 = tl.constexpr(L.C_P2)
+C_Q2 = tl.constexpr(L.C_Q2)
+C_REB = tl.constexpr(L.C_REB)
+C_KYA = tl.constexpr(L.C_KYA)
+C_KSNSY = tl.constexpr(L.C_KSNSY)
+C_PA = tl.constexpr(L.C_PA)
+C_QA = tl.constexpr(L.C_QA)
+C_R = tl.constexpr(L.C_R)
+C_SN = tl.constexpr(L.C_SN)
+C_SN2 = tl.constexpr(L.C_SN2)
+C_SYEB = tl.constexpr(L.C_SYEB)
+C_SY = tl.constexpr(L.C_SY)
+C_KEEP = tl.constexpr(L.C_KEEP)
+C_ETA = tl.constexpr(L.C_ETA)
+C_RSY = tl.constexpr(L.C_RSY)
+
 
 @triton.jit
 def _fused_round_kernel(TABLE, E, U, XL, S_, YB, Z, J, OUT, PART,
@@ -35,7 +64,7 @@ def _fused_round_kernel(TABLE, E, U, XL, S_, YB, Z, J, OUT, PART,
     s = zero
     inv_s = zero
     yb = zero
-    if SAMPLER != 0:
+    if SAMPLER != DDIM:
         s = tl.load(S_ + k, mask=mask, other=0.0)
         inv_s = tl.where(s > 0, one / tl.where(s > 0, s, one), zero)
     if HAS_Y:
@@ -44,47 +73,50 @@ def _fused_round_kernel(TABLE, E, U, XL, S_, YB, Z, J, OUT, PART,
     uin = u                                      # U_i: the input ē_i was evaluated at
     at = offs                                    # i * N + offs in 64 bits (W·N may pass 2^31)
     for i in range(W):
-        row = TABLE + i * 16
-        P0 = tl.load(row + 0).to(dt)
-        Q0 = tl.load(row + 1).to(dt)
-        Z0 = tl.load(row + 2).to(dt)
+        row = TABLE + i * NS
+        P0 = tl.load(row + C_P0).to(dt)
+        Q0 = tl.load(row + C_Q0).to(dt)
+        Z0 = tl.load(row + C_Z0).to(dt)
         cls = tl.zeros([BLOCK], dtype=tl.int32)
         P = zero + P0
         Q = zero + Q0
         kY = zero
         kZ = zero + Z0
-        if SAMPLER == 1:                         # DDRM (chains.DDRM._k)
-            sn = tl.load(row + 11).to(dt)
-            sy = tl.load(row + 14).to(dt)
+        if SAMPLER == DDRM:                      # DDRM (chains.DDRM._k)
+            sn = tl.load(row + C_SN).to(dt)
+            sy = tl.load(row + C_SY).to(dt)
             pos = s > 0
             before = pos & (s * sn > sy)         # noisier than y: class 2
             after = pos & (s * sn < sy)          # less noisy than y: class 1
-            c0a = 1.0 - tl.load(row + 7).to(dt) * s
-            P = tl.where(before, tl.load(row + 3).to(dt), tl.where(after, tl.load(row + 8).to(dt) * c0a, P))
-            Q = tl.where(before, tl.load(row + 4).to(dt), tl.where(after, -(tl.load(row + 9).to(dt) * c0a), Q))
-            kY = tl.where(before, tl.load(row + 5).to(dt) * inv_s,
-                          tl.where(after, zero + tl.load(row + 6).to(dt), zero))
-            w = tl.load(row + 13).to(dt) * inv_s
-            sp = tl.load(row + 12).to(dt) - w * w
+            c0a = 1.0 - tl.load(row + C_KSNSY).to(dt) * s
+            P = tl.where(before, tl.load(row + C_P2).to(dt),
+                         tl.where(after, tl.load(row + C_PA).to(dt) * c0a, P))
+            Q = tl.where(before, tl.load(row + C_Q2).to(dt),
+                         tl.where(after, -(tl.load(row + C_QA).to(dt) * c0a), Q))
+            kY = tl.where(before, tl.load(row + C_REB).to(dt) * inv_s,
+                          tl.where(after, zero + tl.load(row + C_KYA).to(dt), zero))
+            w = tl.load(row + C_SYEB).to(dt) * inv_s
+            sp = tl.load(row + C_SN2).to(dt) - w * w
             sp = tl.where(sp > 0, sp, zero)
-            kZ = tl.where(before, tl.load(row + 10).to(dt) * tl.sqrt(sp), kZ)
+            kZ = tl.where(before, tl.load(row + C_R).to(dt) * tl.sqrt(sp), kZ)
             cls = tl.where(before, 2, tl.where(after, 1, 0))
-        if SAMPLER == 2:                         # DDNM / DDNM+ (chains.DDNM._k)
-            sn = tl.load(row + 11).to(dt)
-            rsy = tl.load(row + 13).to(dt)
-            r = tl.load(row + 10).to(dt)
+        if SAMPLER == DDNM:                      # DDNM / DDNM+ (chains.DDNM._k)
+            sn = tl.load(row + C_SN).to(dt)
+            rsy = tl.load(row + C_RSY).to(dt)
+            r = tl.load(row + C_R).to(dt)
             pos = s > 0
             yn = rsy * inv_s                     # noise std of sqrt(a') A⁺y
             full = pos & (sn >= yn)              # λ = 1: class 1
             part = pos & (sn < yn)               # λ < 1: class 2
             lam = (sn * s) / tl.where(rsy != 0, zero + rsy, one)
             c0 = 1.0 - lam
-            g = tl.load(row + 12).to(dt) - yn * yn
+            g = tl.load(row + C_SN2).to(dt) - yn * yn
             g = tl.sqrt(tl.where(g > 0, g, zero))
-            P = tl.where(full, zero, tl.where(part, tl.load(row + 8).to(dt) * c0, P))
-            Q = tl.where(full, g * tl.load(row + 3).to(dt), tl.where(part, -(tl.load(row + 9).to(dt) * c0), Q))
+            P = tl.where(full, zero, tl.where(part, tl.load(row + C_PA).to(dt) * c0, P))
+            Q = tl.where(full, g * tl.load(row + C_KEEP).to(dt),
+                         tl.where(part, -(tl.load(row + C_QA).to(dt) * c0), Q))
             kY = tl.where(full, r * inv_s, tl.where(part, (r * lam) * inv_s, zero))
-            kZ = tl.where(full, g * tl.load(row + 4).to(dt), tl.where(part, zero, kZ))
+            kZ = tl.where(full, g * tl.load(row + C_ETA).to(dt), tl.where(part, zero, kZ))
             cls = tl.where(full, 1, tl.where(part, 2, 0))
         e = tl.load(E + at, mask=mask, other=0.0)
         if HAS_J:   # linearised: e + J_class (u - U_i)
