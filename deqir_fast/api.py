@@ -12,7 +12,7 @@ import torch
 from ._checks import check_positive_int, check_tensor, state_dtype
 from .chains import Chain
 from .linearize import check_linearize
-from .solvers import SolveOptions, SolverStats, check_solver, fixed_point_solve
+from .solvers import SolveOptions, SolverStats, fixed_point_solve, make_rule
 from .solvers.options import DEFAULT_TOL, FIELDS as OPTION_FIELDS
 from .system import ChainSystem, Model
 
@@ -38,12 +38,15 @@ class _Handle:
         self.adjoint_kw = adjoint_kw
         self.shard = shard
 
-    def gradients(self, grad_x0, params=None, **overrides):
+    def gradients(self, grad_x0, params=None, x_T=None, **overrides):
+        """The adjoint solve's gradients for dL/dx0 = ``grad_x0`` (``x_T``: the leaf to take
+        dL/dx_T for, default the solve's; ``overrides``: e.g. ``tol``, ``y``)."""
         from .gradients import adjoint_gradients
         kw = dict(self.adjoint_kw, **overrides)
         if self.shard is not None:
             kw["process_group"] = self.shard.config()
-        return adjoint_gradients(self.system, self.X, grad_x0, x_T=self.x_T, noise=self.noise,
+        return adjoint_gradients(self.system, self.X, grad_x0,
+                                 x_T=self.x_T if x_T is None else x_T, noise=self.noise,
                                  params=self.params if params is None else params, **kw)
 
 
@@ -246,7 +249,7 @@ def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_gro
     options = SolveOptions() if options is None else options
     if not isinstance(options, SolveOptions):
         raise TypeError(f"options must be a deqir_fast.SolveOptions, got {type(options).__name__}")
-    check_solver(solver)
+    make_rule(solver, options)      # the rule's options checked before any work
     check_linearize(linearize)
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
@@ -327,8 +330,7 @@ def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
     y = getattr(h.system.chain, "y", None)
     y = None if y is None else y.detach().requires_grad_(True)
     # the handle's own settings (sharded over the solve's group for a sharded solve)
-    h_in = _Handle(h.system, h.X, h.x0, x_T, h.noise, h.params, h.adjoint_kw, shard=h.shard)
-    out = h_in.gradients(grad_x0, params=h.params if params else [], y=y, **overrides)
+    out = h.gradients(grad_x0, params=h.params if params else [], x_T=x_T, y=y, **overrides)
     if params:
         for p, g in zip(h.params, out["params"]):
             if g is not None:
