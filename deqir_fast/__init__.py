@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # pipelines import diffusers (an optional extra) only when asked for.
 _ATTRIBUTES = {
     "SolveResult": ".api", "backward": ".api", "sample_serial": ".api", "solve": ".api",
-    "SolveOptions": ".solvers",
+    "SolveOptions": ".solvers", "Planner": ".solvers",
     "InitOptimization": ".optimize", "optimize_init": ".optimize",
     "Chain": ".chains", "DDIM": ".chains", "DDNM": ".chains", "DDRM": ".chains",
     "Schedule": ".schedules", "timesteps": ".schedules",
@@ -37,7 +37,8 @@ def __dir__():
     return sorted(set(globals()) | set(_ATTRIBUTES) | set(__all__))
 
 
-__all__ = ["Chain", "DDIM", "DDNM", "DDRM", "InitOptimization", "Schedule", "SolveOptions",
+__all__ = ["Chain", "DDIM", "DDNM", "DDRM", "InitOptimization", "Planner", "Schedule",
+           "SolveOptions",
            "SolveResult",
            "models", "operators", "optimize_init", "tasks",
            "backward", "sample_serial", "solve", "testing", "timesteps",

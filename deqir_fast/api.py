@@ -12,7 +12,9 @@ import torch
 from ._checks import check_positive_int, check_tensor, state_dtype
 from .chains import Chain
 from .linearize import check_linearize
-from .solvers import SolveOptions, SolverStats, fixed_point_solve, make_rule
+from .solvers import Planner, SolveOptions, SolverStats, fixed_point_solve, make_rule
+from .solvers.planner import SERIAL, as_planner
+from .solvers.policy import shadow_applies
 from .solvers.options import DEFAULT_TOL, FIELDS as OPTION_FIELDS
 from .system import ChainSystem, Model
 
@@ -142,7 +144,7 @@ GRADS = ("ift", "phantom", "unrolled")
 def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
           noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
           solver: str = DEFAULT_SOLVER, linearize: str = DEFAULT_LINEARIZE,
-          tol: float = DEFAULT_TOL, window: Optional[int] = None, init=DEFAULT_INIT,
+          tol: float = DEFAULT_TOL, window=None, init=DEFAULT_INIT,
           max_iter: Optional[int] = None, callback: Optional[Callable[[dict], None]] = None,
           grad: str = "ift", process_group=None, options: Optional[SolveOptions] = None,
           **unknown) -> SolveResult:
@@ -170,7 +172,13 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
             entering it start on the chain from the last state with the last model
             output held (η = 0 chains; a copy of the last state otherwise), and a window
             with steps after it is accepted only at ``tol * freeze_ratio``
-            (docs/design.md §3c).
+            (docs/design.md §3c). ``"auto"``: the throughput planner picks the window
+            before every move from the model's cost per call measured on this device
+            (cached per model, image shape, dtype and device for the process) and the
+            front's advance in this solve, or switches to the serial sampler when that is
+            faster (``res.stats.plan``; docs/design.md §3e). A ``Planner`` instance sets
+            its options (clock, max_window, ...). The rounds then depend on timing; the
+            result is within ``tol`` of serial as always.
         init: the initial guess of the stacked states: ``"auto"`` (the default:
             ``"pinv"`` for DDRM and DDNM, ``"jump"`` otherwise), ``"jump"`` (every state
             set to the one-step DDIM jump from x_T to its noise level; one extra model
@@ -208,6 +216,10 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
     start = time.perf_counter()
     system, noise = _prepare(model, chain, x_T, noise, generator, allow_tf32=options.allow_tf32)
     with torch.no_grad():
+        planner = as_planner(window)
+        if planner is not None and isinstance(init, str) and _starts_serial(planner, system, tol,
+                                                                          options):
+            init = "x_T"                 # the serial sampler needs no initial guess
         X, extra_nfe = _initial_guess(system, init, x_T)
         engine = shard = None
         if process_group is not None:
@@ -215,7 +227,8 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
             cfg = resolve(process_group)
             engine, shard = ShardedEngine(cfg), GroupRef(cfg)
         X, stats = fixed_point_solve(system, X, solver=solver, linearize=linearize,
-                                     tol=float(tol), max_iter=max_iter, window=window,
+                                     tol=float(tol), max_iter=max_iter,
+                                     window=window if planner is None else planner,
                                      callback=callback, options=options,
                                      initial_nfe=extra_nfe, engine=engine)
         lin = stats.linearization
@@ -257,7 +270,15 @@ def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_gro
             and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     check_positive_int("max_iter", max_iter, allow_none=True)
-    check_positive_int("window", window, allow_none=True)
+    if isinstance(window, str) or isinstance(window, Planner):
+        if not isinstance(window, Planner) and window != "auto":
+            raise ValueError(f"window must be an int >= 1, None (the whole chain), 'auto' "
+                             f"or a deqir_fast.Planner, got {window!r}")
+        if process_group is not None:
+            raise ValueError("window='auto' is not supported with process_group yet: pass an "
+                             "int window (the steps per round over all ranks)")
+    else:
+        check_positive_int("window", window, allow_none=True)
     if process_group is not None:
         if options.history_dtype is not None:
             raise ValueError("history_dtype is not supported with process_group (the sharded "
@@ -266,6 +287,15 @@ def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_gro
             raise ValueError("a sharded solve reads the residuals every round: check_every "
                              "must be 1 and cuda_graph False with process_group")
     return options
+
+
+def _starts_serial(planner, system, tol, options) -> bool:
+    """Whether the planner runs the serial sampler from the first step (its probe runs
+    here, before the initial guess's model call, which the serial sampler does not need)."""
+    u0 = system.coeffs.u0
+    planner.start(system, u0.expand(system.num_steps, *u0.shape))
+    shadow = shadow_applies(system, tol, options.freeze_ratio, options.serial_shadow)
+    return planner.choose(0, 0, shadow, exact=tol * options.freeze_ratio == 0) == SERIAL
 
 
 def _initial_guess(system, init, x_T):

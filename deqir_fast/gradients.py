@@ -154,7 +154,7 @@ def adjoint_gradients(system: ChainSystem, X: torch.Tensor, grad_x0: torch.Tenso
                       x_T: torch.Tensor, noise: Optional[torch.Tensor], params=(),
                       y: Optional[torch.Tensor] = None,
                       solver: str = "picard", linearize: str = "secant", tol: float = 1e-6,
-                      max_iter: Optional[int] = None, window: Optional[int] = None,
+                      max_iter: Optional[int] = None, window=None,
                       forward_jacobian=None, options: Optional[SolveOptions] = None,
                       process_group=None) -> Dict[str, object]:
     """dL/dx_T, dL/dy and dL/dθ for dL/dx0 = ``grad_x0`` at the solution X (basis).
@@ -180,7 +180,10 @@ def adjoint_gradients(system: ChainSystem, X: torch.Tensor, grad_x0: torch.Tenso
                                  engine=engine)
     lam = adj.lambdas(A)
     out: Dict[str, object] = {"stats": stats, "lambda": lam}
-    chunk = window or system.num_steps
+    # the parameters' graph is rebuilt ``chunk`` steps at a time: the window (the largest
+    # one a planned solve ran), so memory stays bounded by it
+    chunk = max(stats.plan.windows) if stats.plan is not None and stats.plan.windows else (
+        window if isinstance(window, int) else system.num_steps)
     if cfg is None:
         out["params"] = adj.param_grads(lam, chunk)
         # Honest cost: every VJP needed a forward pass of the model on the same batch.

@@ -372,12 +372,18 @@ class ChainSystem:
         x0 = torch.where(seen, ybar / torch.where(seen, s, torch.ones_like(s)), torch.zeros_like(ybar))
         return self._jump(x0, e)
 
-    def serial(self, callback: Optional[Callable] = None) -> torch.Tensor:
-        """The reference serial sampler: S model calls, one step at a time."""
+    def serial(self, callback: Optional[Callable] = None, start: int = 0,
+               stop: Optional[int] = None, states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The reference serial sampler: one model call a step. Steps ``start``..``stop``-1
+        (default all) from the state entering ``start`` (``states[start - 1]``), written
+        into ``states`` (default a new [S, B, ...] tensor), which is returned."""
         c = self.coeffs
-        u = c.u0
-        states = torch.empty((self.num_steps, *u.shape), dtype=u.dtype, device=u.device)
-        for i in range(self.num_steps):
+        stop = self.num_steps if stop is None else stop
+        if states is None:
+            states = torch.empty((self.num_steps, *c.u0.shape), dtype=c.u0.dtype,
+                                 device=c.u0.device)
+        u = self.carry(states, start)
+        for i in range(start, stop):
             e = self.eps_bar(u.unsqueeze(0), i)[0]
             # the fused round's arithmetic, one step (parallel == serial), and the serial
             # shadow's own code path (docs/design.md §3d)

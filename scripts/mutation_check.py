@@ -230,6 +230,32 @@ LAYOUT_T, IMPORTS_T = ("tests/test_layout.py",), ("tests/test_imports.py",)
 
 # Issue #23 (2026-12-07): one solver loop, the fused round's layout defined once, imports
 # one way down. Each planted by hand first and seen caught (tests/README.md).
+PLAN_T = ("tests/test_planner.py",)
+ISSUE_24 = [
+    Mutant("serial-from-front", "the planner's serial switch continues from the front's frozen "
+           "state, not the shadow's exact one", "deqir_fast/solvers/loop.py",
+           "            q = self.stats.iterations              # the shadow holds the state after q - 1",
+           "            q = self.lo", first=PLAN_T),
+    Mutant("probe-not-counted", "the planner's probe calls are missing from nfe",
+           "deqir_fast/solvers/loop.py",
+           "            self.stats.nfe += self.planner.stats.probe_calls     # model calls on B images",
+           "            pass", first=PLAN_T),
+    Mutant("plan-no-shadow-row", "the planner prices a window without the shadow's row",
+           "deqir_fast/solvers/planner.py", "        extra = 1 if shadow else 0", "        extra = 0",
+           first=PLAN_T),
+    Mutant("plan-no-growth-limit", "the planner guesses any window past the measured curve",
+           "deqir_fast/solvers/planner.py", "            if n > limit and W > 2:",
+           "            if False:", first=PLAN_T),
+    Mutant("plan-ignores-shadow-lag", "the serial switch ignores the steps between the shadow "
+           "and the front", "deqir_fast/solvers/planner.py",
+           "        if self.allow_serial and (self.S - serial_at) * t_step <= remaining / best_rate:",
+           "        if self.allow_serial and remaining * t_step <= remaining / best_rate:",
+           first=PLAN_T),
+    Mutant("plan-rule-not-regrown", "a window grown past the Anderson ring keeps the old ring",
+           "deqir_fast/solvers/loop.py", "        if new_hi - new_lo > self.rule_rows:",
+           "        if False:", first=PLAN_T),
+]
+
 ISSUE_23 = [
     Mutant("rule-option-swallowed", "an option the update rule does not take is ignored",
            "deqir_fast/solvers/rules.py", "    if unused:\n        raise ValueError",
@@ -471,6 +497,7 @@ MUTANTS = [
            "deqir_fast/system.py", "w = (c[k] - c[:-1]).clamp_max(1.0)", "w = w"),
     *ISSUE_22,
     *ISSUE_23,
+    *ISSUE_24,
 ]
 
 

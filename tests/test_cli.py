@@ -284,12 +284,11 @@ def test_several_inputs_batched_into_a_folder(images, capsys):
 
 def test_modes_window_and_progress(images, capsys, monkeypatch):
     monkeypatch.setattr(cli.reporting, "_NOTED", set())    # the note is shown once per process
-    # auto on a CPU: serial, saying why in one line
+    # auto: the planner (its first solve on this CPU measures the cost per call)
     assert restore("low.png", "--task", "sr2", "--out", "a.png") == 0
     captured = capsys.readouterr()
-    assert "--mode auto runs serial on a CPU" in captured.err
-    assert "serial, 3 model calls" in captured.out
-    assert "sr2 serial" in captured.err                  # the serial mode's progress bar
+    assert "planned (" in captured.out and "3 rounds" in captured.out
+    assert "sr2 planned" in captured.err                  # the planned solve's progress bar
     assert np.asarray(Image.open("a.png")).shape == (32, 32, 3)
     assert restore("low.png", "--task", "sr2", "--mode", "parallel", "--window", "2",
                    "--out", "b.jpg") == 0
@@ -534,10 +533,9 @@ def test_flags_that_cannot_act_are_reported(images, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "--tol, --window set the parallel solve, which this run does not use" in err
     assert "--mode serial runs the serial sampler" in err
-    # ... and with auto, which runs serial on a CPU
+    # ... not with auto, whose planned solve uses them
     assert cli.main(["restore", "low.png", *serial, "--solver", "anderson"]) == 0
-    err = capsys.readouterr().err
-    assert "--solver sets the parallel solve" in err and "--mode auto on a CPU" in err
+    assert "set the parallel solve" not in capsys.readouterr().err
     # defaults are not choices: no note for options left alone, nor in parallel mode
     assert cli.main(["restore", "low.png", *serial, "--mode", "serial"]) == 0
     assert cli.main(["restore", "low.png", *serial, "--mode", "parallel", "--window", "2"]) == 0
@@ -562,13 +560,14 @@ def test_flags_that_cannot_act_are_reported(images, capsys, monkeypatch):
     assert listing(images) == before
 
 
-def test_auto_mode_note_once_per_process_and_quiet(images, capsys, monkeypatch):
+def test_notes_once_per_process_and_quiet(images, capsys, monkeypatch):
     monkeypatch.setattr(cli.reporting, "_NOTED", set())
-    argv = ["restore", "low.png", "--task", "sr2", "--steps", "1", "--out", "a.png"]
+    argv = ["restore", "low.png", "--task", "sr2", "--steps", "1", "--out", "a.png", "--mode",
+            "serial", "--tol", "0.1"]
     assert cli.main(argv + ["--quiet"]) == 0
     assert capsys.readouterr().err == ""                     # --quiet hides it
-    assert cli.main(argv) == 0 and cli.main(argv) == 0
-    assert capsys.readouterr().err.count("--mode auto runs serial on a CPU") == 1
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err.count("--tol sets the parallel solve") == 1
 
 
 def test_empty_out_is_refused(images, capsys):

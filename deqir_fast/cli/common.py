@@ -116,11 +116,13 @@ def serial_with_progress(model, chain, x_T, reporter, desc: str, steps: int, gen
         bar.close()
 
 
-def parallel_with_progress(model, chain, x_T, args, reporter, desc: str, generator=None):
-    """The parallel solve with the command line's solver options (``solve_options``), with
-    a progress bar over its rounds."""
+def parallel_with_progress(model, chain, x_T, args, reporter, desc: str, generator=None,
+                           planned: bool = False):
+    """The parallel solve with the command line's solver options (``solve_options``; the
+    planner picks the window with ``planned``), with a progress bar over its rounds."""
     bar = RoundProgress(reporter, desc, args.steps)
     try:
-        return dq.solve(model, chain, x_T, generator=generator, callback=bar, **solve_options(args))
+        return dq.solve(model, chain, x_T, generator=generator, callback=bar,
+                        **solve_options(args, planned=planned))
     finally:
         bar.close()

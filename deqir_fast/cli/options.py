@@ -140,9 +140,14 @@ def add_solver_options(p) -> None:
                         "images per model call; default: all S steps)")
 
 
-def solve_options(args) -> dict:
-    """The keyword arguments of dq.solve that the parallel-solve options set."""
-    return dict(solver=args.solver, linearize=args.linearize, tol=args.tol, window=args.window)
+def solve_options(args, planned: bool = False) -> dict:
+    """The keyword arguments of dq.solve that the parallel-solve options set; ``planned``:
+    the throughput planner picks the window (``--window`` then bounds it)."""
+    window = args.window
+    if planned:
+        from ..solvers import Planner
+        window = Planner(max_window=args.window)
+    return dict(solver=args.solver, linearize=args.linearize, tol=args.tol, window=window)
 
 
 def add_run_options(p) -> None:

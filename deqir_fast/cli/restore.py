@@ -61,8 +61,10 @@ def add_arguments(r) -> None:
                         "the aspect ratio and crop the centre)")
     r.add_argument("--crop", action="store_true", help="cut the centre of the size needed")
     r.add_argument("--mode", choices=MODES, default="auto",
-                   help="parallel: solve all steps at once; serial: step by step; auto: "
-                        "serial on a CPU, parallel on a GPU")
+                   help="parallel: solve all steps at once (or --window at a time); serial: "
+                        "step by step; auto: the planner measures the model's cost per call "
+                        "on this device and picks the window each round, or the serial "
+                        "sampler where that is faster (--window bounds it)")
     r.add_argument("--max-batch", type=positive_int, default=16, metavar="N",
                    help="images restored together in one solve; more inputs run in further "
                         "solves")
@@ -81,18 +83,12 @@ def resolve_mode(args, reporter: Reporter) -> str:
     if args.optimize_init:
         return "parallel"
     mode = args.mode
-    if mode == "auto":
-        mode = "serial" if args.device.type == "cpu" else "parallel"
-        if mode == "serial":
-            reporter.note("--mode auto runs serial on a CPU: there a batched model call over "
-                          "all steps costs about what the steps cost one by one, so fewer "
-                          "rounds save no time (--mode parallel forces it)", once="auto-serial")
     unused = [flag for dest, flag in SOLVER_OPTIONS if dest in given_options(args)]
     if mode == "serial" and unused:
-        why = "--mode serial" if args.mode == "serial" else "--mode auto on a CPU"
         reporter.note(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the parallel "
-                      f"solve, which this run does not use ({why} runs the serial sampler); "
-                      f"add --mode parallel to use {'it' if len(unused) == 1 else 'them'}")
+                      f"solve, which this run does not use (--mode serial runs the serial "
+                      f"sampler); add --mode parallel or auto to use "
+                      f"{'it' if len(unused) == 1 else 'them'}")
     return mode
 
 
@@ -230,10 +226,25 @@ def run_chain(model, chain, shape, seed: int, mode: str, args, reporter: Reporte
         x0 = serial_with_progress(model, chain, x_T, reporter, f"{desc} serial", args.steps,
                                   generator=gen)
         return x0, f"serial, {plural(args.steps, 'model call')}"
-    res = parallel_with_progress(model, chain, x_T, args, reporter, f"{desc} parallel",
-                                 generator=gen)
-    return res.x0, (f"parallel, {plural(res.iterations, 'round')}, "
-                    f"{plural(res.nfe, 'step evaluation')}")
+    planned = mode == "auto"
+    res = parallel_with_progress(model, chain, x_T, args, reporter,
+                                 f"{desc} {'planned' if planned else 'parallel'}",
+                                 generator=gen, planned=planned)
+    how = f"{plural(res.iterations, 'round')}, {plural(res.nfe, 'step evaluation')}"
+    if planned:
+        return res.x0, f"planned ({plan_summary(res.stats.plan)}), {how}"
+    return res.x0, f"parallel, {how}"
+
+
+def plan_summary(plan) -> str:
+    """How a planned solve ran, in a few words."""
+    if plan.serial_from == 0:
+        return "the serial sampler: faster than any window here"
+    windows = sorted(set(w for w, a in zip(plan.windows, plan.advances)
+                         if plan.serial_from is None or w > 1))
+    shown = ", ".join(str(w) for w in windows[:4]) + (", ..." if len(windows) > 4 else "")
+    tail = "" if plan.serial_from is None else f", then serial from step {plan.serial_from}"
+    return f"windows {shown}{tail}"
 
 
 def simulate_report(inputs, restored, truths, measured, op, shape):

@@ -8,7 +8,8 @@ An engine's interface (all take the loop first):
 float64, the shadow's deviation or None) and ``apply(n_done)`` (host decisions), or
 ``run_batch(n_rounds)`` -> ``BatchRecord`` (``batched`` engines); ``diverged(k)``,
 ``first_nonfinite`` (batched engines: the first non-finite state of the window),
-``take_serial``/``put_serial`` (the serial shadow's states go in), ``enter`` (start
+``take_serial``/``put_serial``/``take_serial_carry`` (the serial shadow's states go in),
+``enter`` (start
 values of steps entering a sliding window), ``move`` (the window moved), ``call_back``,
 ``release`` and ``finish``.
 """
@@ -40,7 +41,7 @@ class _LocalEngine:
         system = loop.system
         self.fused = callable(getattr(system, "round_and_residuals", None))  # F(X) and r in one op
         # the window's last model output starts the steps entering it (enter_steps)
-        self.keep_last = loop.w < loop.S and hasattr(system, "extend")
+        self.keep_last = (loop.w < loop.S or loop.planner is not None) and hasattr(system, "extend")
         self.e_last: Optional[torch.Tensor] = None
 
     def context(self, loop, lo: int, hi: int) -> RoundContext:
@@ -64,6 +65,10 @@ class _LocalEngine:
             return loop.shadow.inputs_and_model_term(loop.X, loop.lo, loop.hi)
         U = loop.system.inputs(loop.X, loop.lo, loop.hi)
         return U, loop.system.model_term(U, loop.lo), None
+
+    def take_serial_carry(self, loop, p: int) -> None:
+        """The serial shadow's current state (the serial one after step p) into X[p]."""
+        loop.X[p] = loop.shadow.u
 
     def enter(self, loop, start: int, end: int, from_last_output: bool) -> None:
         enter_steps(loop.system, loop.X, self.e_last if from_last_output else None, start, end)

@@ -33,6 +33,7 @@ from .options import DEFAULT_TOL, SolveOptions
 from .policy import (SerialShadow, SolverStats, begin_exact_restart, guard_tripped,
                      note_deviation, record_round, shadow_applies, steps_to_freeze,
                      switch_off_jacobian)
+from .planner import SERIAL, as_planner
 from .rules import RoundContext, make_rule, takes_context
 
 
@@ -40,29 +41,42 @@ class FixedPointLoop:
     """One solve of X = F(X) for a triangular system (see the module docstring)."""
 
     def __init__(self, system, X: torch.Tensor, engine, *, solver: str, linearize: str,
-                 tol: float, max_iter: Optional[int], window: Optional[int],
+                 tol: float, max_iter: Optional[int], window,
                  callback: Optional[Callable], options: SolveOptions, initial_nfe: int = 0):
         self.system, self.X, self.engine = system, X, engine
         self.solver, self.options, self.callback = solver, options, callback
         self.lin = system.linearization(linearize)
         self.S = S = system.num_steps
         self.max_iter = S if max_iter is None else max_iter
-        self.w = S if window is None else min(window, S)
-        self.scale_dev = system.residual_scale(options.floor).to(X.device)   # [S] float64
         self.tol, self.freeze_ratio = tol, options.freeze_ratio
+        self.scale_dev = system.residual_scale(options.floor).to(X.device)   # [S] float64
         self.stats = SolverStats(nfe=initial_nfe, linearization=self.lin)
         self.shadow = SerialShadow(system, X, self.scale_dev) if shadow_applies(
             system, tol, options.freeze_ratio, options.serial_shadow) else None
+        # window: steps per round, None (all S) or the throughput planner (planner.py),
+        # which picks it before every move of the window
+        self.planner = as_planner(window)
+        if self.planner is None:
+            self.w = S if window is None else min(window, S)
+        else:
+            self.planner.start(system, X)
+            self.stats.nfe += self.planner.stats.probe_calls     # model calls on B images
+            self.w = self.planner.choose(0, 0, self.shadow is not None,
+                                         exact=tol * self.freeze_ratio == 0)
+        serial = self.w == SERIAL
+        self.w = max(self.w, 1)
         self.lo, self.hi = 0, self.w
         self.filled = self.hi       # steps below hold an iterate (no entering start needed)
         self.prev_row: Optional[torch.Tensor] = None              # last round's, by step
         engine.bind(self)
         self.update = self.new_rule()
+        self.serial_first = serial          # the planner chose the serial sampler outright
 
     # -- the update rule ---------------------------------------------------------------------
     def new_rule(self):
         rule = make_rule(self.solver, self.options)
         rule.start(self.engine.context(self, self.lo, self.hi))
+        self.rule_rows = self.hi - self.lo             # the window it was sized for
         self._rule_ctx = takes_context(rule)
         return rule
 
@@ -74,10 +88,13 @@ class FixedPointLoop:
     def run(self):
         """Rounds until every step froze or ``max_iter``; returns (X, stats)."""
         step = self.batch if self.engine.batched else self.round
-        while self.stats.iterations < self.max_iter:
+        done = self.serial_first and self.go_serial()
+        while not done and self.stats.iterations < self.max_iter:
             if step():
                 break
         self.engine.finish(self)
+        if self.planner is not None:
+            self.stats.plan = self.planner.finish()
         return self.X, self.stats
 
     def round(self) -> bool:
@@ -85,12 +102,17 @@ class FixedPointLoop:
         lo, hi = self.lo, self.hi
         p = self.stats.iterations                      # the shadow's step this round
         compare = p < lo      # only a frozen state is final: an unfrozen one may be off serial
+        rows = self.call_rows()
+        if self.planner is not None:
+            self.planner.round_started()
         r, deviation = self.engine.evaluate(self, p, compare)
         if deviation is not None and not math.isfinite(deviation):
             raise_nonfinite(p)                         # the serial sampler's own step p fails
         if deviation is not None and compare:
             note_deviation(self.stats, p, deviation)
             if not deviation <= self.tol:
+                if self.planner is not None:
+                    self.planner.round_done(hi - lo, rows, [0])
                 self.restart_after_shadow(r, p)
                 return False
         if self.shadow is not None:
@@ -101,6 +123,8 @@ class FixedPointLoop:
         row = self.prev_row = record_round(self.stats, r, lo, hi, self.S)
         n_done = steps_to_freeze(r, self.tol, self.freeze_ratio, last=hi == self.S)
         self.engine.apply(self, n_done)
+        if self.planner is not None:
+            self.planner.round_done(hi - lo, rows, [n_done])
         self.notify(row)
         # Release the round's buffers before the next round allocates its own: else the
         # peak holds two rounds' U, E and F(X) (measured: 4 stacked states for Picard
@@ -109,8 +133,11 @@ class FixedPointLoop:
         if n_done == hi - lo and hi == self.S:
             self.stats.converged = True
             return True
-        self.slide(n_done)
-        return False
+        return self.move_on(n_done)
+
+    def call_rows(self) -> int:
+        """The rows of the round's model call: the window's steps and the shadow's state."""
+        return self.hi - self.lo + (self.shadow is not None)
 
     def guard(self, r: torch.Tensor) -> None:
         """The divergence guard, else the linearisation guard, on the round's residuals."""
@@ -137,6 +164,52 @@ class FixedPointLoop:
                        "residuals": row, "nfe": self.stats.nfe, "state": self.X}
             self.engine.call_back(self, self.callback, payload)
 
+    def move_on(self, n_done: int) -> bool:
+        """After a round (or batch) that froze ``n_done`` steps and left steps to solve:
+        the planner's next window and ``slide``, or the serial sampler (True when that
+        ended the solve)."""
+        planner = self.planner
+        if planner is not None and not planner.serial:
+            W = planner.choose(self.lo + n_done, self.stats.iterations, self.shadow is not None)
+            if W == SERIAL:
+                return self.go_serial()
+            self.w = W
+        self.slide(n_done)
+        return False
+
+    def go_serial(self) -> bool:
+        """The planner found the serial sampler faster for the remaining steps: run it
+        from the serial shadow's exact state (the steps it passed; the frozen states
+        after it are not checked yet), else from the front (whose states are what the
+        freeze rule promises). True when the solve ended."""
+        if self.shadow is not None:
+            q = self.stats.iterations              # the shadow holds the state after q - 1
+            if q > 0:
+                self.engine.take_serial_carry(self, q - 1)
+        else:
+            q = self.lo
+        self.planner.went_serial(q)
+        self.w = 1
+        if not hasattr(self.system, "serial"):
+            # (the adjoint) windows of one step with no shadow: a one-step window from an
+            # exact carry is the serial step
+            self.restart(q)
+            return False
+        self.shadow, self.tol, self.prev_row = None, 0.0, None
+        end = min(self.S, q + self.max_iter - self.stats.iterations)
+
+        def step_done(info):                        # each step counts as a round of one
+            self.lo, self.hi = info["step"], info["step"] + 1
+            row = record_round(self.stats, torch.full((1,), float("nan"), dtype=torch.float64),
+                               self.lo, self.hi, self.S)
+            self.notify(row)
+        self.planner.round_started()
+        self.system.serial(step_done, start=q, stop=end, states=self.X)
+        self.planner.round_done(1, 1, [1] * (end - q))
+        self.lo = self.hi = end
+        self.stats.converged = end == self.S
+        return True
+
     def slide(self, n_done: int) -> None:
         """The window moves past its ``n_done`` frozen steps; steps entering it get a start."""
         new_lo = self.lo + n_done
@@ -148,6 +221,11 @@ class FixedPointLoop:
         self.update.drop(n_done)
         self.engine.move(self, new_lo, new_hi)
         self.lo, self.hi = new_lo, new_hi
+        if new_hi - new_lo > self.rule_rows:
+            # the planner grew the window past the rule's buffers: a fresh rule (Anderson's
+            # history restarts; Picard has none)
+            self.update = None
+            self.update = self.new_rule()
 
     def restart(self, lo: int) -> None:
         """After the serial shadow found a frozen state off the serial one (the states up
@@ -155,6 +233,11 @@ class FixedPointLoop:
         rule, freezing exact states only (tol = 0: the front still moves at least one step
         per round, so S rounds still suffice)."""
         self.shadow, self.tol, self.prev_row = None, 0.0, None
+        if self.planner is not None and not self.planner.serial:
+            # freezing exact states only, a window freezes one step a round: the serial
+            # sampler does the same with one row a call
+            self.planner.went_serial(lo)
+            self.w = 1
         hi = min(lo + self.w, self.S)
         self.engine.move(self, lo, hi, restart=True)
         self.lo, self.hi = lo, hi
@@ -184,7 +267,13 @@ class FixedPointLoop:
         # still pays for at least one frozen step: S rounds always suffice.
         n_rounds = min(self.options.check_every, W, self.max_iter - self.stats.iterations)
         p0 = self.stats.iterations                     # the shadow's step in the batch's round 0
+        rows = self.call_rows()
+        if self.planner is not None:
+            self.planner.round_started()
         rec = self.engine.run_batch(self, n_rounds)
+        if self.planner is not None:
+            f = rec.frozen.tolist()
+            self.planner.round_done(W, rows, [f[q + 1] - f[q] for q in range(n_rounds)])
         if rec.shadow_failed is not None:              # the serial sampler's own step fails there
             raise_nonfinite(p0 + rec.shadow_failed)
         for q in range(n_rounds):
@@ -205,8 +294,7 @@ class FixedPointLoop:
         if f == W and hi == self.S:
             self.stats.converged = True
             return True
-        self.slide(f)
-        return False
+        return self.move_on(f)
 
     def review(self, r: torch.Tensor, frozen: int) -> None:
         """Record one device round of a batch: its residuals (NaN where a step was frozen
@@ -259,7 +347,7 @@ class FixedPointLoop:
 
 def fixed_point_solve(system, X: torch.Tensor, *, solver: str = "picard",
                       linearize: str = "secant", tol: float = DEFAULT_TOL,
-                      max_iter: Optional[int] = None, window: Optional[int] = None,
+                      max_iter: Optional[int] = None, window=None,
                       callback: Optional[Callable] = None,
                       options: Optional[SolveOptions] = None, initial_nfe: int = 0,
                       engine=None):

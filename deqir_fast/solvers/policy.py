@@ -42,6 +42,7 @@ class SolverStats:
     # round p + 1 and compared when it was frozen before that round
     shadow_checked: List[int] = field(default_factory=list)
     sharding: Optional[object] = None   # a sharded solve's per-rank ShardStats
+    plan: Optional[object] = None       # window="auto": the planner's PlanStats
 
     @property
     def residual_trace(self) -> torch.Tensor:
