@@ -20,7 +20,8 @@ times the serial sampler, fixed windows 5, 10, 20, 50 and the whole chain, and
 cached for the process, as a user's second call finds it) and "auto, first" (the first
 solve of the process: it probes t(B)). Medians of ``--repeats`` runs, all in one process.
 ``--advance``: the front's mean advance per round at fixed windows on the bundled model,
-and the c of a(W) = c W^0.5 it implies (the planner's ADVANCE_EXPONENT).
+and the c of a(W) = c W^0.5 it implies (the planner's ADVANCE_EXPONENT). ``--later N``:
+N more planned solves after the second (what the planner learns across solves).
 """
 from __future__ import annotations
 
@@ -96,6 +97,11 @@ def run_curves(args):
                 times["auto, first"].append(first.seconds)
                 res = dq.solve(model, chain, x_T, generator=gen(), window="auto")
                 times["auto"].append(res.seconds)
+                for k in range(args.later):          # the solves after: what they learned
+                    later = dq.solve(model, chain, x_T, generator=gen(), window="auto")
+                    print(f"  {curve} {name} planned solve {k + 3}: {later.seconds:.3f} s, "
+                          f"{later.iterations} rounds, windows {later.stats.plan.windows}",
+                          flush=True)
                 err = float((res.x0 - serial).abs().max())
                 info["auto"] = (res.iterations, res.nfe, res.converged, err)
                 plans[f"{curve} {name}"] = dict(
@@ -212,6 +218,8 @@ def main(argv=None):
     p.add_argument("--chains", default=",".join(CHAINS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every sleep by this")
+    p.add_argument("--later", type=int, default=0,
+                   help="time this many more planned solves after the second, each repeat")
     p.add_argument("--real", action="store_true")
     p.add_argument("--advance", action="store_true")
     p.add_argument("--out", default=str(HERE / "results" / "planner"))

@@ -217,8 +217,8 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
     system, noise = _prepare(model, chain, x_T, noise, generator, allow_tf32=options.allow_tf32)
     with torch.no_grad():
         planner = as_planner(window)
-        if planner is not None and isinstance(init, str) and _starts_serial(planner, system, tol,
-                                                                          options):
+        if (planner is not None and process_group is None and isinstance(init, str)
+                and _starts_serial(planner, system, tol, options)):
             init = "x_T"                 # the serial sampler needs no initial guess
         X, extra_nfe = _initial_guess(system, init, x_T)
         engine = shard = None
@@ -274,9 +274,6 @@ def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_gro
         if not isinstance(window, Planner) and window != "auto":
             raise ValueError(f"window must be an int >= 1, None (the whole chain), 'auto' "
                              f"or a deqir_fast.Planner, got {window!r}")
-        if process_group is not None:
-            raise ValueError("window='auto' is not supported with process_group yet: pass an "
-                             "int window (the steps per round over all ranks)")
     else:
         check_positive_int("window", window, allow_none=True)
     if process_group is not None:

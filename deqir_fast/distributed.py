@@ -64,6 +64,7 @@ a timeout: destroy it).
 from __future__ import annotations
 
 import datetime
+import pickle
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -314,6 +315,8 @@ class ShardedEngine:
 
     def __init__(self, cfg: ShardConfig):
         self.cfg = cfg
+        # known before bind: the planner prices its first window from the split
+        self.R, self.me = dist.get_world_size(cfg.group), dist.get_rank(cfg.group)
 
     # -- set-up and bookkeeping ----------------------------------------------------------------
     def bind(self, loop) -> None:
@@ -340,12 +343,12 @@ class ShardedEngine:
             # to put their secant history
             loop.lin.reserve_history(self.item)
         S, R = loop.S, self.R
-        self.rows = max(1, (-(-loop.w // R)) if cfg.rebalance else
-                        min(loop.w, _max_block(even_split(0, S, R))))
+        self.rows = self._block_rows(loop, loop.w)
         self.final_owner = torch.zeros(S, dtype=torch.int64)   # host: who holds step s at the end
         self.parts = self.split(0, loop.hi, S)
-        self.keep_last = loop.w < S and hasattr(system, "extend")
+        self.keep_last = (loop.w < S or loop.planner is not None) and hasattr(system, "extend")
         self.FX = self.e_last = self.carries = self.marks = None
+        self.round_seconds: Optional[float] = None
 
     def _check_same_inputs(self, loop) -> None:
         """Same inputs on every rank, or the ranks would solve different chains: compare a
@@ -370,7 +373,15 @@ class ShardedEngine:
 
     def context(self, loop, lo: int, hi: int, prefix=None) -> RoundContext:
         a, b = self.parts[self.me]
+        # a window the planner grew (the loop then starts a new rule) needs larger blocks
+        self.rows = max(self.rows, self._block_rows(loop, hi - lo))
         return RoundContext(lo, hi, a, b, rows=self.rows, like=self.item, prefix=prefix)
+
+    def _block_rows(self, loop, W: int) -> int:
+        """The most steps a rank's block can hold with a window of W steps."""
+        if self.cfg.rebalance:
+            return max(1, -(-W // self.R))
+        return max(1, min(W, _max_block(even_split(0, loop.S, self.R))))
 
     def _round_mark(self) -> None:
         """Close the last round's per-round accounting (``ShardStats.round_*``)."""
@@ -382,6 +393,7 @@ class ShardedEngine:
     def evaluate(self, loop, p: int, compare: bool):
         """1. the block's model call and scan from its old carry; 2. the exclusive scan of
         the blocks' affine maps (two states per rank); 3. the residual row gathered."""
+        t_round = time.perf_counter()
         self._round_mark()
         sst, parts, me = self.sst, self.parts, self.me
         self.marks = (sst.bytes_sent, sst.wait_seconds, sst.compute_seconds)
@@ -399,7 +411,12 @@ class ShardedEngine:
         r_pad = self._corrected_residuals(loop, p, FX0, r0, M)
         del M, FX0
         sst.compute_seconds += time.perf_counter() - t0
-        rows_all = self.comm.gather_checked(r_pad, "residual gather")
+        # this rank's time for the round so far rides along: the planner (window="auto")
+        # prices rounds at the slowest rank's, the same number on every rank
+        elapsed = r_pad.new_full((1,), time.perf_counter() - t_round)
+        rows_all = self.comm.gather_checked(torch.cat([r_pad, elapsed]), "residual gather")
+        self.round_seconds = float(rows_all[:, -1].max())
+        rows_all = rows_all[:, :-1]
         maxW = _max_block(parts)
         r = torch.cat([rows_all[k, :parts[k][1] - parts[k][0]] for k in order_of(parts)])
         if loop.shadow is None:
@@ -557,12 +574,47 @@ class ShardedEngine:
         """A restart: every rank takes the shadow's state at p, and the states are
         replicated from the ranks that hold them."""
         serial = self.carries[0, 2 * self.n_state:].view_as(self.item)
+        self.gather_states(loop)
+        loop.X[p] = serial
+
+    take_serial_carry = put_serial     # the planner's switch to the serial sampler
+
+    def gather_states(self, loop) -> None:
+        """Every state on every rank, each from the rank that holds it (a frozen state
+        from the rank that froze it, a window's from its block's rank)."""
         holder = self.final_owner.clone()
         for k, (pa, pb) in enumerate(self.parts):
             holder[pa:pb] = k
-        holder[loop.hi:] = 0          # never entered: the same initial guess everywhere
+        holder[loop.hi:] = 0          # not in the window: the same start everywhere
         _replicate(self.comm, loop.X, loop.lin, holder, self.me)
-        loop.X[p] = serial
+
+    # -- the planner (window="auto") -----------------------------------------------------------
+    def call_rows(self, loop, lo: int, W: int) -> int:
+        """The largest block's model-call rows at window W from lo (rank 0 adds the
+        shadow's state)."""
+        parts = self.split(lo, min(lo + W, loop.S), loop.S)
+        shadow = loop.shadow is not None
+        return max((b - a) + (1 if (k == 0 and shadow) else 0) for k, (a, b) in enumerate(parts))
+
+    def agreed_seconds(self) -> Optional[float]:
+        return self.round_seconds
+
+    def planner_sync(self, X: torch.Tensor) -> "_PlannerSync":
+        return _PlannerSync(self.cfg, X.device)
+
+    def planner_kind(self) -> tuple:
+        return ("sharded", dist.get_world_size(self.cfg.group))
+
+    def run_serial(self, loop, start: int, stop: int, step_done) -> None:
+        """Every rank runs the serial sampler (the same steps from the same state: no
+        collective); an error is reported to every rank by ``finish``'s gather."""
+        if self.comm.failed is None:
+            try:
+                loop.system.serial(step_done, start=start, stop=stop, states=loop.X)
+            except Exception as e:                 # noqa: BLE001 - reported to every rank
+                self.comm.failed = e
+        self.final_owner[:] = 0
+        self.parts = self.split(stop, stop, loop.S)
 
     def call_back(self, loop, callback, payload: dict) -> None:
         """The user's callback on every rank, with its rank and block; an exception is kept
@@ -616,6 +668,32 @@ class ShardedEngine:
         self.comm.gather_checked(loop.X.new_zeros(0), "final status")
         _replicate(self.comm, loop.X, loop.lin, self.final_owner, self.me)
         self.sst.total_seconds = time.perf_counter() - self.t_start
+
+
+class _PlannerSync:
+    """What the planner of a sharded solve agrees on across ranks (``Planner.start``):
+    ``max`` of a few floats, and rank 0's ``share``d state (its cost curve and remembered
+    rounds), so every rank takes the same decisions."""
+
+    def __init__(self, cfg: ShardConfig, device: torch.device):
+        self.comm = _Comm(cfg.group, cfg.timeout, ShardStats())
+        self.device = device
+
+    def max(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.comm.group, async_op=True)
+        self.comm._wait(work, "planner timing")
+        return t.tolist()
+
+    def share(self, obj):
+        data = pickle.dumps(obj) if self.comm.rank == 0 else b""
+        size = self.comm.broadcast(torch.tensor([len(data)], dtype=torch.int64,
+                                                device=self.device), 0, "planner state size")
+        buf = torch.zeros(int(size[0]), dtype=torch.uint8, device=self.device)
+        if self.comm.rank == 0:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        buf = self.comm.broadcast(buf, 0, "planner state")
+        return obj if self.comm.rank == 0 else pickle.loads(bytes(buf.cpu().numpy()))
 
 
 class _Prefix:
@@ -678,7 +756,9 @@ def _kept_split(parts, lo: int, old_hi: int, hi: int, last_owner: int):
     blocks froze whole (split evenly among them, in the order they froze), else to the
     rank that held the old last step. Only the entering steps' start value moves."""
     R = len(parts)
-    kept = [(max(a, lo), b) if b > max(a, lo) else (hi, hi) for a, b in parts]
+    # (a window the planner shrank: blocks are cut at hi; the steps past it keep their
+    # iterates where they are, and enter again as "fill" steps if the window grows back)
+    kept = [(max(a, lo), min(b, hi)) if min(b, hi) > max(a, lo) else (hi, hi) for a, b in parts]
     if hi > old_hi:
         empty = [k for k in sorted(range(R), key=lambda k: parts[k]) if kept[k][1] <= kept[k][0]]
         if empty:

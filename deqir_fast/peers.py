@@ -18,6 +18,9 @@ published.
   acceleration per step on the plain map (J = 0), every state initialised to x_T, a
   budget of 15 rounds.
 - ParaTAA (Tang et al., ICML 2024): triangular Anderson on the plain map.
+
+``deqir_fast-auto`` is ours with ``window="auto"``: the throughput planner picks the window
+per round, or the serial sampler (docs/design.md §3e).
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ PEERS: Dict[str, dict] = {
                   options=SolveOptions(serial_shadow=False)),
     "ParaTAA": dict(solver="triangular_anderson", linearize="none",
                     options=SolveOptions(serial_shadow=False)),
+    "deqir_fast-auto": dict(window="auto"),
 }
+PLANNED = "deqir_fast-auto"
 
 
 def peer(name: str, **overrides) -> dict:

@@ -79,6 +79,36 @@ def test_the_plots_are_images(tiny_run):
         assert pixels.shape[0] > 400 and pixels.shape[1] > 600
 
 
+def test_the_planner_is_a_method_with_its_plot(tmp_path):
+    """``--peers deqir_fast-auto``: the planned solve's row (its windows and measured cost
+    curve, the projection from each round's call size) and bench_planner.png."""
+    import matplotlib.image as mpimg
+    code = main(["bench", *TINY, "--batch", "1", "--peers", "deqir_fast-auto", "--no-loops",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
+    planned = [r for r in runs if r["method"] == "deqir_fast-auto"]
+    assert len(planned) == 2
+    for r in planned:
+        assert r["parity_ok"] is True and r["converged"] is True
+        assert len(r["plan_windows"]) == r["rounds"] and r["plan_curve"]
+        assert all(float(t) > 0 for t in r["plan_curve"].values())
+        assert r["projected_s"] > 0
+    assert all(r["plan_windows"] is None for r in runs if r["method"] == "serial")
+    pixels = mpimg.imread(tmp_path / "bench_planner.png")
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 600
+
+
+def test_a_speed_only_model_skips_the_planner():
+    notes = []
+    cfg = bench.BenchConfig(model="random64", random_channels=(8, 8, 8, 8), chains=["DDIM"],
+                            steps=[3], batches=[1], peers=["deqir_fast", "deqir_fast-auto"],
+                            repeats=0, loops=False)
+    report = bench.run_benchmark(cfg, note=notes.append)
+    assert {r["method"] for r in report["runs"]} == {"serial", "deqir_fast"}
+    assert any("deqir_fast-auto skipped" in n for n in notes)
+
+
 class BatchDependent(torch.nn.Module):
     """A model that answers differently in a batched call than in a serial one (as a
     network with batch statistics would): the parallel solve then converges to another

@@ -141,6 +141,27 @@ def test_error_on_one_rank_reaches_every_rank(launches):
         assert float(err.rsplit("after ", 1)[1].split(" s")[0]) < 5, err
 
 
+def test_planned_sharded_solve_takes_the_same_decisions_on_every_rank(tmp_path):
+    """window="auto" with a process group: the ranks agree on every window (the slowest
+    rank's round time, rank 0's cached state), go serial together where a call's cost
+    grows with its images (every rank runs the serial sampler), and end where the serial
+    sampler does."""
+    out = str(tmp_path / "planner.json")
+    codes, errs, _ = launch(2, "planner", out)
+    assert codes == [0, 0], "\n".join(errs)
+    with open(out) as f:
+        rows = json.load(f)
+    assert len(rows) == 8
+    for r in rows:
+        assert r["same_decisions"] and r["same_on_ranks"], r
+        assert r["converged"] and r["iterations"] <= r["S"], r
+        assert r["err"] <= 2 / 255, r
+    steep = [r for r in rows if r["case"][0] == "steep"]
+    flat = [r for r in rows if r["case"][0] == "flat"]
+    assert all(r["serial_from"] is not None for r in steep), steep
+    assert all(r["serial_from"] is None and max(r["windows"]) > 2 for r in flat), flat
+
+
 def test_ranks_drawing_different_noise_are_refused(tmp_path):
     """x_T agrees but each rank's generator differs: the noise differs, and every rank
     must refuse rather than solve a chain stitched from different draws."""
@@ -439,6 +460,41 @@ def _worker(rank, world, port, mode, out):
                 sys.exit(4)
             if rank == 1:
                 os._exit(0)
+        elif mode == "planner":
+            # window="auto" sharded: every rank must take the same decisions (the round
+            # times are the slowest rank's, agreed in the residual gather; the cached curve
+            # and advances are rank 0's). Sleeps make the cost curves: a flat one (windows)
+            # and a steep one (the serial sampler, run on every rank)
+            rows = []
+            for name, cost in (("flat", lambda n: 0.03), ("steep", lambda n: 0.01 * n)):
+                for kind, op in (("ddim", None), ("ddrm", "inpainting")):
+                    model, chain, x_T = _problem(kind, op, 11, None)
+
+                    def slept(x, t, model=model, cost=cost):
+                        time.sleep(cost(x.shape[0]))
+                        return model(x, t)
+                    serial = dq.sample_serial(model, chain, x_T, return_states=True,
+                                              generator=torch.Generator().manual_seed(3))
+                    for rep in range(2):       # the second starts from the cached curve
+                        res = dq.solve(slept, chain, x_T, window="auto",
+                                       generator=torch.Generator().manual_seed(3),
+                                       process_group=ShardConfig(timeout=30))
+                        plan = res.stats.plan
+                        mine = [plan.windows, plan.serial_from, res.iterations]
+                        every = [None] * world
+                        dist.all_gather_object(every, mine)
+                        allx = [torch.empty_like(res.states) for _ in range(world)]
+                        dist.all_gather(allx, res.states.contiguous())
+                        rows.append(dict(
+                            case=[name, kind, rep], windows=plan.windows,
+                            serial_from=plan.serial_from, converged=res.converged,
+                            iterations=res.iterations, S=chain.num_steps,
+                            same_decisions=all(e == every[0] for e in every),
+                            same_on_ranks=all(torch.equal(x, res.states) for x in allx),
+                            err=(res.states - serial).abs().max().item()))
+            if rank == 0:
+                with open(out, "w") as f:
+                    json.dump(rows, f)
         elif mode == "plain":
             # what a user writes: solve, keep the result, destroy the group, exit. A result
             # that held the group kept its gloo workers alive into interpreter shutdown,
@@ -463,7 +519,7 @@ def _worker(rank, world, port, mode, out):
             sys.stderr.flush()
             return                              # a normal exit: interpreter shutdown
     finally:
-        if dist.is_initialized() and mode == "parity":
+        if dist.is_initialized() and mode in ("parity", "planner"):
             dist.destroy_process_group()        # no barrier: solve leaves nothing in flight
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..api import DEFAULT_TOL
+from ..peers import PLANNED
 from .config import OURS, SERIAL
 
 _COLORS = {SERIAL: "black", OURS: "tab:blue", "ParaDiGMS": "tab:orange", "DeqIR": "tab:green",
@@ -300,3 +301,39 @@ def residual_takeaway(summary: Dict[str, list], S: int) -> str:
     tail = "; ".join(f"{m} failed parity on {n} of {len(summary[m])}"
                      for m, n in failed.items() if n) or "every run reached parity"
     return f"{head}\n{tail}"
+
+
+def plot_planner(report: dict, path: Path) -> None:
+    """The planner's rows (``deqir_fast-auto``): the cost curve t(n) it measured, and the
+    window it chose each round (1: the serial sampler), per chain at the largest S."""
+    plt = _pyplot()
+    batch = min(r["batch"] for r in report["runs"])
+    rows = [r for r in report["runs"] if r["method"] == PLANNED and r["batch"] == batch
+            and r["plan_windows"]]
+    S = max(r["steps"] for r in rows)
+    rows = [r for r in rows if r["steps"] == S]
+    fig, (curve_ax, win_ax) = plt.subplots(1, 2, figsize=(12.8, 5.6))
+    serial_rounds = []
+    for r in rows:
+        ns = sorted(int(n) for n in r["plan_curve"])
+        line, = curve_ax.plot(ns, [1e3 * r["plan_curve"][str(n)] for n in ns], marker="o",
+                              markersize=3.5, label=r["chain"])
+        win_ax.step(range(1, len(r["plan_windows"]) + 1), r["plan_windows"], where="post",
+                    color=line.get_color())
+        serial_rounds.append(sum(w == 1 for w in r["plan_windows"]))
+    curve_ax.set_xlabel("images per model call n")
+    curve_ax.set_ylabel("round time t(n), ms (fastest seen)")
+    curve_ax.set_title(f"cost curve measured by the planner, batch {batch}", fontsize=10)
+    win_ax.set_xlabel("round")
+    win_ax.set_ylabel("window (steps per round; 1 = serial sampler)")
+    win_ax.set_yscale("log")
+    win_ax.set_title(f"window chosen per round, S={S}", fontsize=10)
+    went_serial = sum(k > 0 for k in serial_rounds)
+    _finish(fig, plt, path,
+            f"window='auto': the planner chose windows for {len(rows) - went_serial} of "
+            f"{len(rows)} chains and the serial sampler (in part) for {went_serial}",
+            "Left: the time of a round against the images in its model call, as the planner "
+            "measured it on this device (each round's wall time; the fastest per size). "
+            "Right: the window it chose before each round, the one that maximises the steps "
+            "finalised per second under that curve and the front's advance it observed; a "
+            "window of 1 is the serial sampler (docs/design.md §3e).")

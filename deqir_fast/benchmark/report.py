@@ -10,7 +10,8 @@ from typing import List
 
 from .. import image_io as io
 from .config import OURS, SERIAL
-from .plots import plot_residuals, plot_rounds, plot_time
+from ..peers import PLANNED
+from .plots import plot_planner, plot_residuals, plot_rounds, plot_time
 
 def _num(v, spec=".3g", none="-") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -200,7 +201,8 @@ def _failures(report: dict, speed_only: bool) -> List[str]:
 
 
 def write_report(report: dict, out: Path, plots: bool = True) -> List[Path]:
-    """bench.md, bench.json and (``plots``) the three figures, written together."""
+    """bench.md, bench.json and (``plots``) the figures (time, rounds, residuals, and the
+    planner's when it ran), written together."""
     text = markdown(report)
     data = json.dumps({k: v for k, v in report.items() if k != "ours_failed"}, indent=1,
                       allow_nan=False, default=str)
@@ -212,6 +214,8 @@ def write_report(report: dict, out: Path, plots: bool = True) -> List[Path]:
         if parallel and not report["meta"]["speed_only"]:
             writers += [(out / "bench_rounds.png", lambda tmp: plot_rounds(report, tmp)),
                         (out / "bench_residuals.png", lambda tmp: plot_residuals(report, tmp))]
+        if any(r["method"] == PLANNED and r["plan_windows"] for r in report["runs"]):
+            writers.append((out / "bench_planner.png", lambda tmp: plot_planner(report, tmp)))
     io.write_all(writers)
     return [p for p, _ in writers]
 

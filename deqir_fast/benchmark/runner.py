@@ -3,6 +3,7 @@ configuration of the parallel solve on the same model, chain and noise, in turns
 time of one model call; over every configuration of a ``BenchConfig``, the report."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import inspect
 import math
@@ -15,7 +16,8 @@ import deqir_fast as dq
 
 from .. import calibration
 from ..api import solve
-from ..peers import peer
+from ..peers import PLANNED, peer
+from ..solvers import Planner
 from ..telemetry import GPU_FIELDS
 from .config import GREY, OURS, RUN_FIELDS, SERIAL, BenchConfig, kind_of, select_chains
 from .loops import run_loops
@@ -27,7 +29,8 @@ from .timing import Timed, load_1m, median_call, take_turns, timed, wait_for_loa
 def _solve_kwargs(cfg: BenchConfig, name: str, speed_only: bool) -> dict:
     overrides = {}
     if cfg.window is not None:
-        overrides["window"] = cfg.window
+        # the planner's window stays its own choice, bounded by --window
+        overrides["window"] = Planner(max_window=cfg.window) if name == PLANNED else cfg.window
     if name == OURS and cfg.tol is not None:
         overrides["tol"] = cfg.tol
     if speed_only:          # fixed rounds at tol 0: no shadow runs (nothing to check)
@@ -100,7 +103,7 @@ def run_config(bm: BenchModel, cfg: BenchConfig, chain_name: str, chain, S: int,
             row.update(_serial_result(S, call_s, bm.speed_only))
         else:
             row.update(_parallel_result(first[m].out, kwargs[m], call_s, batched_s, serial_x0,
-                                        bm.speed_only))
+                                        bm.speed_only, W))
         rows.append(row)
     return rows
 
@@ -145,15 +148,24 @@ def _serial_result(S: int, call_s: float, speed_only: bool) -> dict:
 
 
 def _parallel_result(res, kw: dict, call_s: float, batched_s: float, serial_x0,
-                     speed_only: bool) -> dict:
+                     speed_only: bool, W: int = 1) -> dict:
     """A parallel solve's row from its warm-up result ``res``: rounds, model evaluations,
     the projections, and (unless speed only) the parity verdict against ``serial_x0``."""
     jump = kw.get("init", dq.api.DEFAULT_INIT) in dq.api.INITS_WITH_MODEL_CALL
+    plan = res.stats.plan
+    if plan is not None:             # planned: the guess only when it did not go serial at once
+        jump = jump and plan.serial_from != 0
     calls = res.iterations + (1 if jump else 0)
+    projected = res.iterations * batched_s
+    if plan is not None:             # each round at its own call size, between the two measured
+        slope = (batched_s - call_s) / (W - 1) if W > 1 else 0.0    # (1 and W rows of B)
+        projected = sum(call_s + slope * (r - 1) for r in plan.rows)
     out = dict(settings=effective_settings(kw), rounds=res.iterations, nfe=res.nfe,
-               sequential_calls=calls,
-               projected_s=res.iterations * batched_s + (call_s if jump else 0.0),
+               sequential_calls=calls, projected_s=projected + (call_s if jump else 0.0),
                ideal_s=calls * call_s)
+    if plan is not None:
+        out.update(plan_windows=list(plan.windows),
+                   plan_curve={str(n): t for n, t in plan.curve.items()})
     if not speed_only:
         err = float((res.x0 - serial_x0).abs().max())
         ok = bool(res.converged) and err <= GREY and math.isfinite(err)
@@ -202,6 +214,10 @@ def run_benchmark(cfg: BenchConfig, bench_model: Optional[BenchModel] = None, pr
     here); ``progress(total)`` makes a progress bar (tqdm-like), default none."""
     device = torch.device(cfg.device)
     bm = bench_model if bench_model is not None else load_model(cfg)
+    if bm.speed_only and PLANNED in cfg.peers:
+        note(f"{PLANNED} skipped: a speed-only model runs a fixed number of rounds at tol 0, "
+             f"where the planner would only run the serial sampler")
+        cfg = dataclasses.replace(cfg, peers=[p for p in cfg.peers if p != PLANNED])
     if isinstance(bm.model, torch.nn.Module):
         bm.model.to(device)
     chain_names = select_chains(cfg.chains)

@@ -9,7 +9,8 @@ float64, the shadow's deviation or None) and ``apply(n_done)`` (host decisions),
 ``run_batch(n_rounds)`` -> ``BatchRecord`` (``batched`` engines); ``diverged(k)``,
 ``first_nonfinite`` (batched engines: the first non-finite state of the window),
 ``take_serial``/``put_serial``/``take_serial_carry`` (the serial shadow's states go in),
-``enter`` (start
+the planner's (``call_rows``, ``agreed_seconds``, ``planner_sync``, ``planner_kind``,
+``gather_states``, ``run_serial``), ``enter`` (start
 values of steps entering a sliding window), ``move`` (the window moved), ``call_back``,
 ``release`` and ``finish``.
 """
@@ -66,9 +67,31 @@ class _LocalEngine:
         U = loop.system.inputs(loop.X, loop.lo, loop.hi)
         return U, loop.system.model_term(U, loop.lo), None
 
+    # -- what the planner (window="auto") asks of an engine ------------------------------------
+    def call_rows(self, loop, lo: int, W: int) -> int:
+        """The rows of a round's model call at window W from ``lo``: W and the shadow's."""
+        return W + (loop.shadow is not None)
+
+    def agreed_seconds(self) -> Optional[float]:
+        """A round's time agreed across processes (None: the planner's clock decides)."""
+        return None
+
+    def planner_sync(self, X: torch.Tensor):
+        return None
+
+    def planner_kind(self) -> tuple:
+        return ()
+
     def take_serial_carry(self, loop, p: int) -> None:
         """The serial shadow's current state (the serial one after step p) into X[p]."""
         loop.X[p] = loop.shadow.u
+
+    def gather_states(self, loop) -> None:
+        """Every state where the serial sampler (or a one-step window) can read it."""
+
+    def run_serial(self, loop, start: int, stop: int, step_done) -> None:
+        """The serial sampler for steps start..stop-1 into X (``ChainSystem.serial``)."""
+        loop.system.serial(step_done, start=start, stop=stop, states=loop.X)
 
     def enter(self, loop, start: int, end: int, from_last_output: bool) -> None:
         enter_steps(loop.system, loop.X, self.e_last if from_last_output else None, start, end)

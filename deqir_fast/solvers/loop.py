@@ -59,10 +59,10 @@ class FixedPointLoop:
         if self.planner is None:
             self.w = S if window is None else min(window, S)
         else:
-            self.planner.start(system, X)
+            self.planner.start(system, X, sync=engine.planner_sync(X), kind=engine.planner_kind())
             self.stats.nfe += self.planner.stats.probe_calls     # model calls on B images
-            self.w = self.planner.choose(0, 0, self.shadow is not None,
-                                         exact=tol * self.freeze_ratio == 0)
+            self.w = self.planner.choose(0, 0, exact=tol * self.freeze_ratio == 0,
+                                         rows=lambda W: engine.call_rows(self, 0, W))
         serial = self.w == SERIAL
         self.w = max(self.w, 1)
         self.lo, self.hi = 0, self.w
@@ -94,7 +94,10 @@ class FixedPointLoop:
                 break
         self.engine.finish(self)
         if self.planner is not None:
-            self.stats.plan = self.planner.finish()
+            shadow = self.options.serial_shadow   # the fixed windows' calls hold its row
+            self.stats.plan = self.planner.finish(
+                rows=lambda W: self.engine.call_rows(self, 0, W) + (shadow and self.shadow is None),
+                converged=self.stats.converged)
         return self.X, self.stats
 
     def round(self) -> bool:
@@ -112,7 +115,9 @@ class FixedPointLoop:
             note_deviation(self.stats, p, deviation)
             if not deviation <= self.tol:
                 if self.planner is not None:
-                    self.planner.round_done(hi - lo, rows, [0])
+                    self.planner.round_done(hi - lo, rows, [0], end=hi == self.S,
+                                            seconds=self.engine.agreed_seconds(),
+                                            remaining=self.S - lo)
                 self.restart_after_shadow(r, p)
                 return False
         if self.shadow is not None:
@@ -124,7 +129,8 @@ class FixedPointLoop:
         n_done = steps_to_freeze(r, self.tol, self.freeze_ratio, last=hi == self.S)
         self.engine.apply(self, n_done)
         if self.planner is not None:
-            self.planner.round_done(hi - lo, rows, [n_done])
+            self.planner.round_done(hi - lo, rows, [n_done], end=hi == self.S,
+                                    seconds=self.engine.agreed_seconds(), remaining=self.S - lo)
         self.notify(row)
         # Release the round's buffers before the next round allocates its own: else the
         # peak holds two rounds' U, E and F(X) (measured: 4 stacked states for Picard
@@ -136,8 +142,9 @@ class FixedPointLoop:
         return self.move_on(n_done)
 
     def call_rows(self) -> int:
-        """The rows of the round's model call: the window's steps and the shadow's state."""
-        return self.hi - self.lo + (self.shadow is not None)
+        """The rows of the round's model call: the window's steps and the shadow's state
+        (a sharded round: its largest block's)."""
+        return self.engine.call_rows(self, self.lo, self.hi - self.lo)
 
     def guard(self, r: torch.Tensor) -> None:
         """The divergence guard, else the linearisation guard, on the round's residuals."""
@@ -170,7 +177,9 @@ class FixedPointLoop:
         ended the solve)."""
         planner = self.planner
         if planner is not None and not planner.serial:
-            W = planner.choose(self.lo + n_done, self.stats.iterations, self.shadow is not None)
+            lo = self.lo + n_done
+            W = planner.choose(lo, self.stats.iterations,
+                               rows=lambda W: self.engine.call_rows(self, lo, W))
             if W == SERIAL:
                 return self.go_serial()
             self.w = W
@@ -186,8 +195,11 @@ class FixedPointLoop:
             q = self.stats.iterations              # the shadow holds the state after q - 1
             if q > 0:
                 self.engine.take_serial_carry(self, q - 1)
+            else:
+                self.engine.gather_states(self)
         else:
             q = self.lo
+            self.engine.gather_states(self)
         self.planner.went_serial(q)
         self.w = 1
         if not hasattr(self.system, "serial"):
@@ -204,7 +216,7 @@ class FixedPointLoop:
                                self.lo, self.hi, self.S)
             self.notify(row)
         self.planner.round_started()
-        self.system.serial(step_done, start=q, stop=end, states=self.X)
+        self.engine.run_serial(self, q, end, step_done)
         self.planner.round_done(1, 1, [1] * (end - q))
         self.lo = self.hi = end
         self.stats.converged = end == self.S
@@ -273,7 +285,8 @@ class FixedPointLoop:
         rec = self.engine.run_batch(self, n_rounds)
         if self.planner is not None:
             f = rec.frozen.tolist()
-            self.planner.round_done(W, rows, [f[q + 1] - f[q] for q in range(n_rounds)])
+            self.planner.round_done(W, rows, [f[q + 1] - f[q] for q in range(n_rounds)],
+                                    end=hi == self.S, remaining=self.S - lo)
         if rec.shadow_failed is not None:              # the serial sampler's own step fails there
             raise_nonfinite(p0 + rec.shadow_failed)
         for q in range(n_rounds):

@@ -35,17 +35,33 @@ import torch
 
 # a(W) ~ c * W**g: the front's mean advance per round at a fixed window. Measured on the
 # bundled model at S = 100 (bench/planner.py --advance, RESULTS §17): g = 0.5 fits DDIM
-# (c = 1.0-1.1 for W 4-100), DDPM (0.8), DDRM inpainting (0.67) within 20%; DDNM SR x2's large
-# windows advance less (g ~ 0.35). So g = 0.5 is the prior, and both are fitted to the
-# rounds of this solve and of the process's last solve of the same chain kind and length
-# with the same model (the cache): least squares on log a against log W over the windows
+# (c = 0.9-1.25 for W 2-100), DDPM (0.6-0.85), DDRM inpainting (0.6-0.8); DDNM SR x2's large
+# windows advance less (c 0.79 at W = 2 to 0.36 at 100: g ~ 0.3). So g = 0.5 is the prior,
+# and both are fitted to this solve's rounds and the last REMEMBERED_ROUNDS of the same
+# chain kind and length with the same model (the cache): least squares on log a against
+# log W over the windows
 # run (mean advance per window, weighted by rounds), with a ridge GAMMA_PRIOR_WEIGHT
 # pulling g to 0.5 and PRIOR_ROUNDS pseudo-rounds at W = 4 advancing 2 steps (c = 1). The
 # pseudo-rounds keep the first rounds from deciding alone: the front is slow to start (a
 # whole-chain DDRM-100 advances 1 step in each of its first 6 rounds on the bundled model,
 # then 3, 4, 6, 25) while the steps behind it converge.
+#
+# A window that reaches the chain's end is accepted whole at tol, not tol * freeze_ratio
+# (100x looser), so it finishes in bursts. Its advance is m / R_end(m), m the steps left
+# when the window first reached the end and R_end(m) = rho * m**0.5 the rounds it then
+# took to finish, fitted over the last solves' such episodes (prior: the law's own rounds,
+# one pseudo-episode at m = END_PRIOR_M). On the mixture prior (bench/planner.py, flat) the
+# whole chain finished DDRM-100 in 6 rounds where W = 50 took 12 and the law said 9.
+END_PRIOR_M = 16
+END_EPISODES = 4             # the episodes kept per chain kind (the most recent)
+REMEMBERED_ROUNDS = 200      # the rounds kept per chain kind (the most recent)
 ADVANCE_EXPONENT = 0.5
-GAMMA_PRIOR_WEIGHT = 2.0
+# past the largest window tried, a(W) is extrapolated with this exponent (see ``advance``):
+# above the bundled model's 0.5, so a flat curve's larger windows get tried (the mixture's
+# DDRM-100 advanced as W**0.66 from W = 5 to 50), and below 1, so a knee curve's do not
+# (1 priced a whole-chain round at 323 ms above W = 2 at 10 ms on issue #24's H200 curve)
+OPTIMISM = 0.75
+GAMMA_PRIOR_WEIGHT = 1.0
 GAMMA_RANGE = (0.2, 1.0)
 PRIOR_W, PRIOR_ADVANCE, PRIOR_ROUNDS = 4, 2.0, 4.0
 SERIAL = 0                   # ``Planner.choose``'s answer for "run the serial sampler"
@@ -61,8 +77,8 @@ def _check_positive(name, value, integer=False):
 class CostCurve:
     """t(n): the seconds of a round (or a probe) that evaluates n images in one model call,
     from measured samples: the fastest at each n (the first call at a shape pays one-off
-    costs), linear between samples, the last two samples' slope beyond them (flat with one
-    sample), never decreasing in n."""
+    costs), linear between samples, the slope of the upper half of the samples beyond
+    them (flat with one sample), never decreasing in n."""
 
     def __init__(self):
         self.samples: Dict[int, float] = {}
@@ -82,6 +98,22 @@ class CostCurve:
                 t.append(run)
             self._t = t
 
+    def _slope(self) -> float:
+        """Seconds per image beyond the largest sample: the least-squares slope of the
+        samples in its upper half (n >= largest / 2; the last two when fewer), >= 0. One
+        noisy pair of neighbours does not set it (a flat curve's 73 and 79 images measured
+        14.4 and 18.4 ms, which priced the whole chain at 33 ms instead of 18)."""
+        ns = self._n
+        if len(ns) < 2:
+            return 0.0
+        pts = [(n, self.samples[n]) for n in ns if 2 * n >= ns[-1]]
+        if len(pts) < 2:
+            pts = [(n, self.samples[n]) for n in ns[-2:]]
+        mn = sum(n for n, _ in pts) / len(pts)
+        mt = sum(t for _, t in pts) / len(pts)
+        var = sum((n - mn) ** 2 for n, _ in pts)
+        return max(0.0, sum((n - mn) * (t - mt) for n, t in pts) / var)
+
     def known(self, n: int) -> bool:
         return n in self.samples
 
@@ -96,10 +128,7 @@ class CostCurve:
         if n <= ns[0]:
             return ts[0]
         if n >= ns[-1]:
-            if len(ns) == 1:
-                return ts[-1]
-            slope = (ts[-1] - ts[-2]) / (ns[-1] - ns[-2])
-            return ts[-1] + slope * (n - ns[-1])
+            return ts[-1] + self._slope() * (n - ns[-1])
         i = bisect.bisect_left(ns, n)
         if ns[i] == n:
             return ts[i]
@@ -134,9 +163,12 @@ class PlanStats:
     """What the planner measured and chose (``res.stats.plan``).
 
     ``curve``: {n images: seconds}, the cost curve after the solve; ``windows``: the window
-    of each round (1 once serial); ``advances``: the steps each round froze;
+    of each round (1 once serial); ``advances``: the steps each round froze; ``rows``: the
+    rows of each round's model call (its window and the shadow's);
     ``serial_from``: the step from which the solve ran the serial sampler (None: it did
-    not); ``advance_scale``, ``advance_exponent``: the fitted c and g of a(W) = c * W**g; ``probe_seconds``: the
+    not); ``advance_scale``, ``advance_exponent``: the fitted c and g of a(W) = c * W**g;
+    ``end_rounds``: rho of R_end(m) = rho * m**0.5, the rounds a window at the chain's end
+    takes to finish m steps; ``end_episode``: this solve's (m, rounds), when it ended so; ``probe_seconds``: the
     timed calls on B images before the first round (0 with a cached t(B)), and
     ``probe_calls`` of them (counted in the solve's ``nfe``);
     ``projected``: seconds for the whole chain from the measured curve and the fitted
@@ -146,9 +178,12 @@ class PlanStats:
     curve: Dict[int, float] = field(default_factory=dict)
     windows: List[int] = field(default_factory=list)
     advances: List[int] = field(default_factory=list)
+    rows: List[int] = field(default_factory=list)
     serial_from: Optional[int] = None
     advance_scale: float = float("nan")
     advance_exponent: float = float("nan")
+    end_rounds: float = float("nan")
+    end_episode: Optional[Tuple[int, int]] = None
     probe_seconds: float = 0.0
     probe_calls: int = 0
     projected: Dict[str, float] = field(default_factory=dict)
@@ -188,16 +223,21 @@ class Planner:
         self.probe_calls, self.cache, self.allow_serial = probe_calls, cache, serial
 
     # -- one solve ---------------------------------------------------------------------------
-    def start(self, system, X: torch.Tensor) -> None:
+    def start(self, system, X: torch.Tensor, sync=None, kind: tuple = ()) -> None:
         """Begin a solve of ``system`` from X [S, B, ...]: the curve (cached or new), and
         t(B) probed when unknown. Once per solve: a second call for the same system (the
-        loop's, after ``solve`` asked before its initial guess) does nothing."""
+        loop's, after ``solve`` asked before its initial guess) does nothing.
+
+        ``sync`` (a sharded solve): ``max(values)`` over the ranks and ``share(obj)``
+        (rank 0's object on every rank), so that every rank starts from the same curve
+        and advances and takes the same decisions; ``kind``: more of the cache key (the
+        rank count: a sharded round's cost includes its collectives)."""
         if getattr(self, "system", None) is system:
             return
         self.system = system
         self.S, self.B = X.shape[0], X.shape[1]
         # the system's kind too: an adjoint round (a VJP) costs more than a forward one
-        key = (type(system).__name__, tuple(X.shape[2:]), X.dtype, str(X.device))
+        key = (type(system).__name__, tuple(X.shape[2:]), X.dtype, str(X.device), *kind)
         model = getattr(system, "model", None)
         cache = _per_model(model) if (self.cache and model is not None) else {}
         self.curve = cache.setdefault(key, CostCurve())
@@ -205,12 +245,26 @@ class Planner:
         chain = getattr(system, "chain", None)
         self._advance_key = (key, type(chain).__name__, self.S)
         self._advances = cache.setdefault(self._advance_key, [])
-        self.remembered: List[Tuple[int, int]] = list(self._advances)
+        self._episodes = cache.setdefault((self._advance_key, "end"), [])
+        self.remembered: List[Tuple[int, int, bool]] = list(self._advances)
+        self.episodes: List[Tuple[int, int]] = list(self._episodes)   # (m, rounds to finish)
+        self._episode: Optional[List[int]] = None        # this solve's, while at the end
         self.stats = PlanStats()
-        self.observed: List[Tuple[int, int]] = []      # (W, advance) of rounds with W >= 2
+        # (W, advance, the window reached the end) of the rounds with W >= 2
+        self.observed: List[Tuple[int, int, bool]] = []
         self.rows: List[int] = []                      # the model call's rows, per round
         self.serial = False
         self._t0: Optional[float] = None
+        self.sync = sync
+        if sync is not None:                   # every rank from rank 0's memory
+            samples, remembered, episodes = sync.share(
+                (dict(self.curve.samples), self.remembered, self.episodes))
+            self.curve = CostCurve()
+            for n, t in samples.items():
+                self.curve.add(n, t)
+            cache[key] = self.curve
+            self.remembered = [tuple(r) for r in remembered]
+            self.episodes = [tuple(e) for e in episodes]
         if not self.curve.known(self.B):
             self.stats.probe_seconds = self.probe(system, X)
 
@@ -223,6 +277,8 @@ class Planner:
             E = system.model_term(U, 0)
             _wait_for(E)
             dt = self.clock() - t0
+            if self.sync is not None:          # the slowest rank's
+                dt = self.sync.max([dt])[0]
             spent += dt
             self.stats.measured += dt
             self.stats.probe_calls += 1
@@ -232,30 +288,47 @@ class Planner:
     def round_started(self) -> None:
         self._t0 = self.clock()
 
-    def round_done(self, window: int, rows: int, advances: List[int]) -> None:
+    def round_done(self, window: int, rows: int, advances: List[int], end: bool = False,
+                   seconds: Optional[float] = None, remaining: int = 0) -> None:
         """Record the rounds since ``round_started`` (one, or a ``check_every`` batch at
-        one window): the window, the rows of each model call (window + shadow), the steps
-        each round froze; each is charged an equal share of the time."""
-        seconds = self.clock() - self._t0
-        self.curve.add(rows * self.B, seconds / len(advances))
+        one window): the window, the rows of each model call (window + shadow; a sharded
+        round: the largest block's), the steps each round froze (``end``: the window
+        reached the chain's end, ``remaining`` steps before the round); each is charged an
+        equal share of the time (``seconds`` when the engine agreed on it across ranks,
+        else the clock's)."""
+        seconds = self.clock() - self._t0 if seconds is None else seconds
+        if self.stats.windows or window == 1:
+            # not a solve's first parallel round: it carries one-off costs (the first
+            # solve of a process measured 21.9 ms for a 4-image round whose later repeats
+            # took 12.4 ms, which priced every window out for good)
+            self.curve.add(rows * self.B, seconds / len(advances))
         self.stats.measured += seconds
         for advance in advances:
             self.stats.windows.append(window)
             self.stats.advances.append(advance)
             self.rows.append(rows)
             if window >= 2 and advance >= 1:
-                self.observed.append((window, advance))
+                self.observed.append((window, advance, end))
+            if not end:
+                self._episode = None
+            elif self._episode is None:
+                self._episode = [remaining, 1]
+            else:
+                self._episode[1] += 1
 
 
-    def advance_fit(self) -> Tuple[float, float]:
-        """(c, g) of a(W) = c * W**g (see ADVANCE_EXPONENT): ridge least squares on the
-        log of the mean advance per window, weighted by its rounds, with the prior
-        pseudo-round."""
+    def advance_fit(self) -> Tuple[float, float, float]:
+        """(c, g, rho): a(W) = c * W**g (ridge least squares on the log of the mean advance
+        per window of the rounds not at the end, weighted by rounds, with the prior
+        pseudo-rounds), and R_end(m) = rho * m**0.5 over the end episodes (see
+        END_PRIOR_M)."""
+        rounds = self.remembered + self.observed
         groups: Dict[int, List[float]] = {PRIOR_W: [PRIOR_ADVANCE * PRIOR_ROUNDS, PRIOR_ROUNDS]}
-        for W, a in self.remembered + self.observed:
-            g = groups.setdefault(W, [0.0, 0.0])
-            g[0] += a
-            g[1] += 1
+        for W, a, end in rounds:
+            if not end:
+                g = groups.setdefault(W, [0.0, 0.0])
+                g[0] += a
+                g[1] += 1
         w0 = sx = sy = sxx = sxy = 0.0
         for W, (total, n) in groups.items():
             x, y = math.log(W), math.log(total / n)
@@ -263,11 +336,32 @@ class Planner:
         lam, g0 = GAMMA_PRIOR_WEIGHT, ADVANCE_EXPONENT
         gamma = (sxy - sx * sy / w0 + lam * g0) / (sxx - sx * sx / w0 + lam)
         gamma = min(max(gamma, GAMMA_RANGE[0]), GAMMA_RANGE[1])
-        return math.exp((sy - gamma * sx) / w0), gamma
+        c = math.exp((sy - gamma * sx) / w0)
+        prior_rounds = END_PRIOR_M / (c * END_PRIOR_M ** gamma)     # the law's, at m
+        rho = (prior_rounds + sum(r for _, r in self.episodes)) / (
+            math.sqrt(END_PRIOR_M) + sum(math.sqrt(m) for m, _ in self.episodes))
+        return c, gamma, rho
 
-    def advance(self, W: int, remaining: int, fit: Optional[Tuple[float, float]] = None) -> float:
-        c, gamma = self.advance_fit() if fit is None else fit
-        return min(max(1.0, c * W ** gamma), float(W), float(remaining))
+    def explored(self) -> int:
+        """The largest window (not reaching the end) whose rounds the fit has seen."""
+        return max([PRIOR_W] + [W for W, _, end in self.remembered + self.observed if not end])
+
+    def advance(self, W: int, remaining: int,
+                fit: Optional[Tuple[float, float, float]] = None,
+                explored: Optional[int] = None) -> float:
+        """The expected steps a round at window W freezes, ``remaining`` steps left.
+        Past the largest window run so far the law is extrapolated optimistically (a(W)
+        growing as W**OPTIMISM): a larger window is tried when it could pay, and its
+        rounds then correct the fit (the growth limit bounds the cost of a wrong try)."""
+        c, gamma, rho = self.advance_fit() if fit is None else fit
+        top = self.explored() if explored is None else explored
+        a = c * W ** gamma if W <= top else c * top ** gamma * (W / top) ** OPTIMISM
+        if W >= remaining:
+            # the end: as its episodes say; before any, never less than the (optimistic)
+            # law for a window of its size (it freezes at least what that one would)
+            ep = math.sqrt(remaining) / rho
+            a = ep if self.episodes else max(a, ep)
+        return min(max(1.0, a), float(W), float(remaining))
 
     def candidates(self, remaining: int) -> List[int]:
         """Windows worth comparing: every W up to 8, then steps of about 12%, and the rest."""
@@ -279,23 +373,27 @@ class Planner:
         out.append(top)
         return out
 
-    def choose(self, lo: int, serial_at: int, shadow: bool, exact: bool = False) -> int:
+    def choose(self, lo: int, serial_at: int, shadow: bool = True, exact: bool = False,
+               rows: Optional[Callable[[int], int]] = None) -> int:
         """The window for the steps from ``lo`` on, or ``SERIAL``: the serial sampler from
         step ``serial_at`` (the shadow's exact state; ``lo`` without a shadow). ``exact``:
-        the freeze rule freezes exact states only (after a restart), one step a round."""
+        the freeze rule freezes exact states only (after a restart), one step a round.
+        ``rows(W)``: the rows of a round's model call at window W (default W plus the
+        shadow's; a sharded round: its largest block's)."""
         remaining = self.S - lo
         t_step = self.curve(self.B)
         if exact and self.allow_serial:
             return SERIAL
-        extra = 1 if shadow else 0
-        limit = max(self.growth * self.curve.largest, (2 + extra) * self.B)
-        fit = self.advance_fit()
+        if rows is None:
+            rows = (lambda W: W + 1) if shadow else (lambda W: W)   # noqa: E731
+        limit = max(self.growth * self.curve.largest, rows(2) * self.B)
+        fit, top = self.advance_fit(), self.explored()
         best_W, best_rate = 1, 0.0
         for W in self.candidates(remaining):
-            n = (W + extra) * self.B
+            n = rows(W) * self.B
             if n > limit and W > 2:
                 break
-            rate = self.advance(W, remaining, fit) / self.curve(n)
+            rate = self.advance(W, remaining, fit, top) / self.curve(n)
             if rate >= best_rate:          # ties: the larger window (more steps a round)
                 best_W, best_rate = W, rate
         if self.allow_serial and (self.S - serial_at) * t_step <= remaining / best_rate:
@@ -304,24 +402,35 @@ class Planner:
 
     def went_serial(self, step: int) -> None:
         self.serial = True
+        self._episode = None
         self.stats.serial_from = step
 
-    def finish(self) -> PlanStats:
-        """The statistics: the curve, and the projections from it. Ends the solve."""
+    def finish(self, rows: Optional[Callable[[int], int]] = None,
+               converged: bool = False) -> PlanStats:
+        """The statistics: the curve, and the projections from it (``rows(W)``: a fixed
+        window's call rows, default W + 1). Ends the solve; the next one of this chain
+        starts from its rounds (and its end episode, when it ``converged`` there)."""
+        rows = (lambda W: W + 1) if rows is None else rows   # noqa: E731
         self.system = None
-        if self.observed:                      # the next solve of this chain starts from them
-            self._advances[:] = self.observed
+        # the most recent rounds of this chain kind, this solve's last: a solve that ran
+        # only end windows must not erase what the ones before learned of the others
+        self._advances[:] = (self.remembered + self.observed)[-REMEMBERED_ROUNDS:]
+        if converged and self._episode is not None:
+            self.episodes = (self.episodes + [tuple(self._episode)])[-END_EPISODES:]
+            self._episodes[:] = self.episodes
+            self.stats.end_episode = tuple(self._episode)
         st, curve, S, B = self.stats, self.curve, self.S, self.B
         st.curve = {n: curve.samples[n] for n in sorted(curve.samples)}
+        st.rows = list(self.rows)
         fit = self.advance_fit()
-        st.advance_scale, st.advance_exponent = fit
+        st.advance_scale, st.advance_exponent, st.end_rounds = fit
         st.projected = {"serial": S * curve(B)}
         for W in (5, 10, 20, 50, S):
             if W > S:
                 continue
             rounds = S / self.advance(W, S, fit)
             name = "whole chain" if W == S else f"window {W}"
-            st.projected[name] = rounds * curve((W + 1) * B)
+            st.projected[name] = rounds * curve(rows(W) * B)
         st.projected["plan"] = st.probe_seconds + sum(curve(r * B) for r in self.rows)
         return st
 
