@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/planner.py                    # the cost-model table
     OMP_NUM_THREADS=1 python bench/planner.py --real             # the bundled UNet, no sleep
     OMP_NUM_THREADS=1 python bench/planner.py --advance          # a(W) at fixed windows
+    OMP_NUM_THREADS=1 python bench/planner.py --simulated        # the curves on a simulated clock
 
 The cost model wraps the Gaussian-mixture denoiser (3x32x32, its call costs well under a
 millisecond here) so that a call on n images first sleeps t(n) = a + b * max(0, n - k):
@@ -22,6 +23,8 @@ solve of the process: it probes t(B)). Medians of ``--repeats`` runs, all in one
 ``--advance``: the front's mean advance per round at fixed windows on the bundled model,
 and the c of a(W) = c W^0.5 it implies (the planner's ADVANCE_EXPONENT). ``--later N``:
 N more planned solves after the second (what the planner learns across solves).
+``--simulated``: the same curves on a simulated clock (the model's calls advance it by
+t(n), nothing else costs): exact, machine-independent, seconds to run.
 """
 from __future__ import annotations
 
@@ -57,6 +60,23 @@ class CostModel(torch.nn.Module):
 
     def forward(self, x, t):
         time.sleep(self.cost(x.shape[0]))
+        return self.model(x, t)
+
+
+class SimulatedCost(torch.nn.Module):
+    """``model`` whose call on n images advances a simulated clock by a + b max(0, n - k)
+    seconds and costs nothing else: the planner (``Planner(clock=self.clock)``) then sees
+    an exact curve, and the table is the same on every machine."""
+
+    def __init__(self, model, a: float, b: float, k: int):
+        super().__init__()
+        self.model, self.a, self.b, self.k, self.now = model, a, b, k, 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def forward(self, x, t):
+        self.now += self.a + self.b * max(0, x.shape[0] - self.k)
         return self.model(x, t)
 
 
@@ -167,6 +187,39 @@ def plot(rows, plans, path: Path):
     fig.savefig(path, dpi=90)
 
 
+def run_simulated(args):
+    """The cost curves on a simulated clock: the model's calls are the only cost, so the
+    numbers are exact (no sleep, no timing noise) and the same on every machine. Serial,
+    the fixed windows, and four planned solves in a row (what a process learns)."""
+    from deqir_fast.solvers.planner import Planner
+    base, all_chains, x_T = problem(args.steps)
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    print("| curve | chain | serial | W=5 | W=10 | W=20 | W=50 | whole | best | planned solves 1-4 "
+          "/ best |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for curve in args.curves.split(","):
+        a, b, k = CURVES[curve]
+        for name in args.chains.split(","):
+            chain = all_chains[name]
+            t = {"serial": args.steps * (a + b * max(0, 1 - k))}
+            for w in WINDOWS:
+                m = SimulatedCost(base, a, b, k)
+                dq.solve(m, chain, x_T, generator=gen(), window=w)
+                t[f"w{w}"] = m.now
+            best = min(t, key=t.get)
+            m, planned = SimulatedCost(base, a, b, k), []
+            for _ in range(4):
+                t0 = m.now
+                dq.solve(m, chain, x_T, generator=gen(), window=Planner(clock=m.clock))
+                planned.append((m.now - t0) / t[best])
+            worst = max(worst, planned[1])
+            cells = " | ".join(f"{1e3 * t[c]:.0f}" for c in ["serial"] + [f"w{w}" for w in WINDOWS])
+            print(f"| {curve} | {name} | {cells} | {best} | "
+                  f"{', '.join(f'{r:.2f}' for r in planned)} |", flush=True)
+    print(f"\n(simulated ms) the second planned solve / best: worst {worst:.2f}")
+
+
 def run_real(args):
     """The bundled UNet on this CPU, no sleep: serial vs whole chain vs auto."""
     from deqir_fast.calibration import load
@@ -221,6 +274,7 @@ def main(argv=None):
     p.add_argument("--later", type=int, default=0,
                    help="time this many more planned solves after the second, each repeat")
     p.add_argument("--real", action="store_true")
+    p.add_argument("--simulated", action="store_true")
     p.add_argument("--advance", action="store_true")
     p.add_argument("--out", default=str(HERE / "results" / "planner"))
     args = p.parse_args(argv)
@@ -229,6 +283,8 @@ def main(argv=None):
         return run_advance(args)
     if args.real:
         return run_real(args)
+    if args.simulated:
+        return run_simulated(args)
     print(f"S = {args.steps}, B = 1, medians of {args.repeats}, sleeps x{args.scale}; "
           f"torch {torch.__version__}, {sys.platform}\n")
     print(HEAD)

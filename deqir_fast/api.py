@@ -13,6 +13,7 @@ from ._checks import check_positive_int, check_tensor, state_dtype
 from .chains import Chain
 from .linearize import check_linearize
 from .solvers import Planner, SolveOptions, SolverStats, fixed_point_solve, make_rule
+from .solvers.loop import plan_regime
 from .solvers.planner import SERIAL, as_planner
 from .solvers.policy import shadow_applies
 from .solvers.options import DEFAULT_TOL, FIELDS as OPTION_FIELDS
@@ -218,7 +219,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
     with torch.no_grad():
         planner = as_planner(window)
         if (planner is not None and process_group is None and isinstance(init, str)
-                and _starts_serial(planner, system, tol, options)):
+                and _starts_serial(planner, system, solver, linearize, tol, options)):
             init = "x_T"                 # the serial sampler needs no initial guess
         X, extra_nfe = _initial_guess(system, init, x_T)
         engine = shard = None
@@ -286,11 +287,12 @@ def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_gro
     return options
 
 
-def _starts_serial(planner, system, tol, options) -> bool:
+def _starts_serial(planner, system, solver, linearize, tol, options) -> bool:
     """Whether the planner runs the serial sampler from the first step (its probe runs
     here, before the initial guess's model call, which the serial sampler does not need)."""
     u0 = system.coeffs.u0
-    planner.start(system, u0.expand(system.num_steps, *u0.shape))
+    planner.start(system, u0.expand(system.num_steps, *u0.shape),
+                  regime=plan_regime(solver, linearize, float(tol), options))
     shadow = shadow_applies(system, tol, options.freeze_ratio, options.serial_shadow)
     return planner.choose(0, 0, shadow, exact=tol * options.freeze_ratio == 0) == SERIAL
 

@@ -263,6 +263,12 @@ ISSUE_24 = [
     Mutant("plan-end-as-elsewhere", "a window at the chain's end is priced like any other "
            "(its episodes ignored)", "deqir_fast/solvers/planner.py",
            "            a = ep if self.episodes else max(a, ep)", "            a = a", first=PLAN_T),
+    Mutant("plan-serial-old-front", "without a shadow the serial sampler restarts at the front "
+           "before the round's freezes", "deqir_fast/solvers/loop.py",
+           "            q = front\n", "            q = self.lo\n", first=PLAN_T),
+    Mutant("plan-sharded-own-clock", "each rank prices rounds with its own time",
+           "deqir_fast/distributed.py", "        return self.round_seconds\n",
+           "        return None\n", first=("tests/test_distributed.py",)),
     Mutant("plan-rule-not-regrown", "a window grown past the Anderson ring keeps the old ring",
            "deqir_fast/solvers/loop.py", "        if new_hi - new_lo > self.rule_rows:",
            "        if False:", first=PLAN_T),

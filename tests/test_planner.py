@@ -273,6 +273,48 @@ def test_switch_to_serial_mid_solve_continues_from_the_shadow(schedule):
     assert clocked.now <= (S + 10) * LINEAR(1)
 
 
+@pytest.mark.parametrize("kind,op_name", [("ddim_eta", None), ("ddrm", "sr")])
+def test_serial_switch_without_a_shadow_continues_from_the_front(schedule, kind, op_name):
+    """No shadow (serial_shadow=False): the serial sampler continues from the first step
+    not frozen, after this round's freezes, and reaches the end within max_iter."""
+    S = 30
+    res, serial, _ = planned(schedule, LINEAR, kind, op_name, S=S, batch=1,
+                             options=dq.SolveOptions(serial_shadow=False))
+    plan = res.stats.plan
+    assert plan.serial_from is not None and res.converged and res.iterations <= S
+    assert (res.states - serial).abs().max() <= 2 / 255
+
+
+def test_the_adjoint_of_a_planned_solve_reaches_its_end(schedule):
+    """The adjoint has no shadow and no serial sampler: it goes serial as one-step windows
+    from its front, and must still converge to the whole-chain adjoint's gradient."""
+    model, chain, x_T = make_problem(schedule, "ddim_eta", None, 20, 1, seed=4)
+    grads = []
+    for window in (None, "planned"):
+        clocked = Clocked(model, LINEAR)
+        w = Planner(clock=clocked.clock) if window else None
+        res = dq.solve(clocked, chain, x_T, generator=gen(), window=w, tol=1e-8)
+        out = res.handle.gradients(torch.ones_like(res.x0), params=[], tol=1e-10,
+                                   x_T=x_T.detach().requires_grad_(True))
+        assert out["stats"].converged
+        grads.append(out["x_T"])
+    assert torch.allclose(grads[1], grads[0], rtol=1e-6, atol=1e-9 * grads[0].abs().max())
+
+
+def test_planner_edge_cases(schedule):
+    # the switch decided on the last round max_iter allows: no serial step to run
+    res, _, _ = planned(schedule, LINEAR, "ddim_eta", S=30, batch=1, max_iter=2)
+    assert res.iterations == 2 and not res.converged
+    # a clock too coarse to see a call: samples are never free, no division by zero
+    model, chain, x_T = make_problem(schedule, "ddim", None, 12, 1)
+    res = dq.solve(model, chain, x_T, window=Planner(clock=lambda: 0.0))
+    assert res.converged
+    # serial=False holds after a restart too, and max_window bounds every choice
+    p = ready(LINEAR, [1, 3, 10], serial=False, max_window=3)
+    assert p.choose(0, 0, shadow=True) <= 3
+    assert p.choose(0, 0, shadow=True, exact=True) != SERIAL
+
+
 def test_exact_tol_runs_the_serial_sampler(schedule):
     res, serial, _ = planned(schedule, FLAT, "ddim", S=20, batch=2, tol=0.0)
     assert res.stats.plan.serial_from == 0 and torch.equal(res.states, serial)

@@ -37,6 +37,12 @@ from .planner import SERIAL, as_planner
 from .rules import RoundContext, make_rule, takes_context
 
 
+def plan_regime(solver, linearize, tol: float, options: SolveOptions) -> tuple:
+    """What besides the model and the chain sets the front's advance per round: the
+    planner remembers rounds per regime (``Planner.start``)."""
+    return (str(solver), str(linearize), float(tol), float(options.freeze_ratio))
+
+
 class FixedPointLoop:
     """One solve of X = F(X) for a triangular system (see the module docstring)."""
 
@@ -59,7 +65,8 @@ class FixedPointLoop:
         if self.planner is None:
             self.w = S if window is None else min(window, S)
         else:
-            self.planner.start(system, X, sync=engine.planner_sync(X), kind=engine.planner_kind())
+            self.planner.start(system, X, sync=engine.planner_sync(X), kind=engine.planner_kind(),
+                               regime=plan_regime(solver, linearize, tol, options))
             self.stats.nfe += self.planner.stats.probe_calls     # model calls on B images
             self.w = self.planner.choose(0, 0, exact=tol * self.freeze_ratio == 0,
                                          rows=lambda W: engine.call_rows(self, 0, W))
@@ -88,7 +95,7 @@ class FixedPointLoop:
     def run(self):
         """Rounds until every step froze or ``max_iter``; returns (X, stats)."""
         step = self.batch if self.engine.batched else self.round
-        done = self.serial_first and self.go_serial()
+        done = self.serial_first and self.go_serial(0)
         while not done and self.stats.iterations < self.max_iter:
             if step():
                 break
@@ -174,23 +181,25 @@ class FixedPointLoop:
     def move_on(self, n_done: int) -> bool:
         """After a round (or batch) that froze ``n_done`` steps and left steps to solve:
         the planner's next window and ``slide``, or the serial sampler (True when that
-        ended the solve)."""
+        ended the solve). No choice after the last round ``max_iter`` allows."""
         planner = self.planner
-        if planner is not None and not planner.serial:
-            lo = self.lo + n_done
-            W = planner.choose(lo, self.stats.iterations,
-                               rows=lambda W: self.engine.call_rows(self, lo, W))
+        if planner is not None and not planner.serial and self.stats.iterations < self.max_iter:
+            front = self.lo + n_done
+            # the serial sampler would start at the shadow's step, else at the front
+            start = self.stats.iterations if self.shadow is not None else front
+            W = planner.choose(front, start,
+                               rows=lambda W: self.engine.call_rows(self, front, W))
             if W == SERIAL:
-                return self.go_serial()
+                return self.go_serial(front)
             self.w = W
         self.slide(n_done)
         return False
 
-    def go_serial(self) -> bool:
+    def go_serial(self, front: int) -> bool:
         """The planner found the serial sampler faster for the remaining steps: run it
         from the serial shadow's exact state (the steps it passed; the frozen states
-        after it are not checked yet), else from the front (whose states are what the
-        freeze rule promises). True when the solve ended."""
+        after it are not checked yet), else from ``front``, the first step not frozen
+        (whose carry is what the freeze rule promises). True when the solve ended."""
         if self.shadow is not None:
             q = self.stats.iterations              # the shadow holds the state after q - 1
             if q > 0:
@@ -198,7 +207,7 @@ class FixedPointLoop:
             else:
                 self.engine.gather_states(self)
         else:
-            q = self.lo
+            q = front
             self.engine.gather_states(self)
         self.planner.went_serial(q)
         self.w = 1
@@ -215,9 +224,10 @@ class FixedPointLoop:
             row = record_round(self.stats, torch.full((1,), float("nan"), dtype=torch.float64),
                                self.lo, self.hi, self.S)
             self.notify(row)
-        self.planner.round_started()
-        self.engine.run_serial(self, q, end, step_done)
-        self.planner.round_done(1, 1, [1] * (end - q))
+        if end > q:
+            self.planner.round_started()
+            self.engine.run_serial(self, q, end, step_done)
+            self.planner.round_done(1, 1, [1] * (end - q))
         self.lo = self.hi = end
         self.stats.converged = end == self.S
         return True
@@ -245,7 +255,7 @@ class FixedPointLoop:
         rule, freezing exact states only (tol = 0: the front still moves at least one step
         per round, so S rounds still suffice)."""
         self.shadow, self.tol, self.prev_row = None, 0.0, None
-        if self.planner is not None and not self.planner.serial:
+        if self.planner is not None and not self.planner.serial and self.planner.allow_serial:
             # freezing exact states only, a window freezes one step a round: the serial
             # sampler does the same with one row a call
             self.planner.went_serial(lo)

@@ -65,6 +65,7 @@ GAMMA_PRIOR_WEIGHT = 1.0
 GAMMA_RANGE = (0.2, 1.0)
 PRIOR_W, PRIOR_ADVANCE, PRIOR_ROUNDS = 4, 2.0, 4.0
 SERIAL = 0                   # ``Planner.choose``'s answer for "run the serial sampler"
+MIN_SECONDS = 1e-9           # the least a sample may say a call costs
 
 
 def _check_positive(name, value, integer=False):
@@ -88,6 +89,7 @@ class CostCurve:
     def add(self, n: int, seconds: float) -> None:
         if n < 1 or not math.isfinite(seconds) or seconds < 0:
             return
+        seconds = max(seconds, MIN_SECONDS)      # a coarse clock can read 0: never free
         old = self.samples.get(n)
         if old is None or seconds < old:
             self.samples[n] = seconds
@@ -196,7 +198,9 @@ class Planner:
     Args:
         clock: a function returning seconds (default ``time.perf_counter``); the rounds
             are timed with it, after the round's host read (on CUDA the model's work is
-            done by then).
+            done by then). With a process group the rounds are timed by the engine
+            instead (the slowest rank's, agreed in the residual gather) and the probe by
+            the slowest rank's ``clock``.
         max_window: the largest window it may choose (bounds memory; default S).
         growth: a window's call may hold at most this many times the images of the
             largest call measured so far.
@@ -223,7 +227,8 @@ class Planner:
         self.probe_calls, self.cache, self.allow_serial = probe_calls, cache, serial
 
     # -- one solve ---------------------------------------------------------------------------
-    def start(self, system, X: torch.Tensor, sync=None, kind: tuple = ()) -> None:
+    def start(self, system, X: torch.Tensor, sync=None, kind: tuple = (),
+              regime: tuple = ()) -> None:
         """Begin a solve of ``system`` from X [S, B, ...]: the curve (cached or new), and
         t(B) probed when unknown. Once per solve: a second call for the same system (the
         loop's, after ``solve`` asked before its initial guess) does nothing.
@@ -231,7 +236,9 @@ class Planner:
         ``sync`` (a sharded solve): ``max(values)`` over the ranks and ``share(obj)``
         (rank 0's object on every rank), so that every rank starts from the same curve
         and advances and takes the same decisions; ``kind``: more of the cache key (the
-        rank count: a sharded round's cost includes its collectives)."""
+        rank count: a sharded round's cost includes its collectives); ``regime``: what
+        else sets the front's advance (solver, linearisation, tol, freeze ratio), part of
+        the key of the rounds remembered."""
         if getattr(self, "system", None) is system:
             return
         self.system = system
@@ -239,11 +246,14 @@ class Planner:
         # the system's kind too: an adjoint round (a VJP) costs more than a forward one
         key = (type(system).__name__, tuple(X.shape[2:]), X.dtype, str(X.device), *kind)
         model = getattr(system, "model", None)
+        if model is None:                      # the adjoint: its forward system's model
+            model = getattr(getattr(system, "forward", None), "model", None)
         cache = _per_model(model) if (self.cache and model is not None) else {}
         self.curve = cache.setdefault(key, CostCurve())
         # the last solve of this chain kind and length: its rounds inform the advance fit
         chain = getattr(system, "chain", None)
-        self._advance_key = (key, type(chain).__name__, self.S)
+        operator = getattr(chain, "operator", None)
+        self._advance_key = (key, type(chain).__name__, type(operator).__name__, self.S, *regime)
         self._advances = cache.setdefault(self._advance_key, [])
         self._episodes = cache.setdefault((self._advance_key, "end"), [])
         self.remembered: List[Tuple[int, int, bool]] = list(self._advances)
@@ -274,11 +284,22 @@ class Planner:
         spent = 0.0
         for _ in range(self.probe_calls):
             t0 = self.clock()
-            E = system.model_term(U, 0)
-            _wait_for(E)
+            failed = None
+            try:
+                E = system.model_term(U, 0)
+                _wait_for(E)
+            except Exception as e:             # noqa: BLE001 - every rank must hear of it
+                if self.sync is None:
+                    raise
+                failed = e
             dt = self.clock() - t0
-            if self.sync is not None:          # the slowest rank's
-                dt = self.sync.max([dt])[0]
+            if self.sync is not None:          # the slowest rank's; a failure reaches all
+                dt, any_failed = self.sync.max([dt, 1.0 if failed is not None else 0.0])
+                if failed is not None:
+                    raise failed
+                if any_failed:
+                    raise RuntimeError("another rank failed in the planner's timing call "
+                                       "(its error is raised there)")
             spent += dt
             self.stats.measured += dt
             self.stats.probe_calls += 1
@@ -398,7 +419,8 @@ class Planner:
                 best_W, best_rate = W, rate
         if self.allow_serial and (self.S - serial_at) * t_step <= remaining / best_rate:
             return SERIAL
-        return max(best_W, 1 if self.allow_serial else min(2, remaining))
+        top = remaining if self.max_window is None else min(remaining, self.max_window)
+        return min(max(best_W, 1 if self.allow_serial else 2), top)
 
     def went_serial(self, step: int) -> None:
         self.serial = True
