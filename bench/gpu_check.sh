@@ -129,6 +129,15 @@ else
   printf '{"step": "overhead", "status": "skipped (no diffusers)", "exit": 0, "seconds": 0}\n' >> "$steps_json"
 fi
 
+# 5b. window="auto" (issue #24): the bundled model's rounds at a 109M UNet's cost (256^2),
+#     DDIM-100 and DDRM-100: serial vs the whole chain vs the planner (first and warm)
+if "$py" -c "import diffusers" 2>/dev/null; then
+  run planner_unet 150 "$py" bench/planner.py --unet-cost --device cuda --chains DDIM,DDRM-inp \
+      --repeats 2 --json "$raw/planner_unet.json"
+else
+  printf '{"step": "planner_unet", "status": "skipped (no diffusers)", "exit": 0, "seconds": 0}\n' >> "$steps_json"
+fi
+
 # 6. CUDA-graph replay vs eager; the round at S=1000, 3x64x64; the kernel tests on this CPU
 run graphs 90 "$py" bench/round.py --device cuda --graphs --repeats 3 --json "$raw/graphs.json"
 run bench_round_64 60 "$py" bench/round.py --device cuda --shape 1000x1x3x64x64 --repeats 10 \
@@ -164,6 +173,7 @@ doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cud
        "native_build": load("native_build.json"),
        "fused_round_S100_256": load("round_256.json"), "fused_round_S1000_64": load("round_64.json"),
        "overhead": load("overhead.json"), "cuda_graphs": load("graphs.json"),
+       "planner_unet": load("planner_unet.json"),
        "bench_e2e": load("bench_e2e/bench.json"), "bench_e2e_1000": load("bench_e2e_1000/bench.json")}
 for name in ("bench_e2e/bench.md", "bench_e2e_1000/bench.md", "bench_e2e/bench_time.png", "tests_cuda.xml"):
     if (raw / name).exists() and raw != out:
@@ -175,6 +185,8 @@ for r in rows:
         goals[f"GB/s {b} {r['sampler']} / copy >= 0.8"] = round(f, 3)
 for r in doc["overhead"] if isinstance(doc["overhead"], list) else []:
     goals[f"overhead {r['chain']} {r['backend']} <= 0.05"] = round(r["overhead_fraction"], 4)
+for r in (doc["planner_unet"] or {}).get("rows", []) if isinstance(doc["planner_unet"], dict) else []:
+    goals[f"planner {r['chain']} auto / serial <= 1.05"] = round(r["auto"] / r["serial"], 3)
 doc["goals"] = goals
 (out / "gpu_check.json").write_text(json.dumps(doc, indent=1))
 print(json.dumps(goals, indent=1))

@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python bench/planner.py --real             # the bundled UNet, no sleep
     OMP_NUM_THREADS=1 python bench/planner.py --advance          # a(W) at fixed windows
     OMP_NUM_THREADS=1 python bench/planner.py --simulated        # the curves on a simulated clock
+    python bench/planner.py --unet-cost --device cuda --chains DDIM,DDRM-inp   # (gpu_check.sh)
 
 The cost model wraps the Gaussian-mixture denoiser (3x32x32, its call costs well under a
 millisecond here) so that a call on n images first sleeps t(n) = a + b * max(0, n - k):
@@ -220,6 +221,72 @@ def run_simulated(args):
     print(f"\n(simulated ms) the second planned solve / best: worst {worst:.2f}")
 
 
+class UNetCost(torch.nn.Module):
+    """The trained ``model``'s answer at the cost of ``cost_eps`` (a 109M-parameter UNet at
+    3x256x256, random weights: bench/round.py ``unet_256``) on as many images: the rounds
+    are the trained model's, the wall time a big model's."""
+
+    def __init__(self, model, cost_eps, device, max_images: int):
+        super().__init__()
+        self.model, self.cost_eps = model, cost_eps
+        self.x = torch.randn((max_images, 3, 256, 256), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def forward(self, x, t):
+        n = x.shape[0]
+        with torch.no_grad():
+            self.cost_eps(self.x[:n], t[:n])
+        return self.model(x, t)
+
+
+def run_unet_cost(args):
+    """Issue #24's GPU check: DDIM-100 and DDRM-100 on the bundled model at the cost of a
+    109M UNet at 256^2: serial vs the whole chain vs window="auto" (first and warm)."""
+    from round import unet_256
+    from deqir_fast.calibration import load
+    device = torch.device(args.device)
+    model, schedule, images = load("bundled")
+    model = model.to(device)
+    eps, n_params = unet_256(device)
+    truth = images[:1].float()
+    x_T = torch.randn(truth.shape, generator=torch.Generator().manual_seed(100)).to(device)
+    costly = UNetCost(model, eps, device, args.steps + 1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = lambda: torch.Generator(device=device).manual_seed(2)  # noqa: E731
+    rows = []
+    print(f"UNet {n_params / 1e6:.0f}M params at 3x256x256 on {device}; S = {args.steps}, B = 1")
+    print("| chain | serial s | whole chain s | auto s | first auto s | auto / serial | "
+          "auto windows | auto rounds | max abs x0 - serial |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, chain in chains(schedule, args.steps, truth.to(device)):
+        if name not in args.chains.split(","):
+            continue
+        t = {"serial": [], "whole": [], "auto": [], "first": []}
+        for rep in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            serial = dq.sample_serial(costly, chain, x_T, generator=gen())
+            sync()
+            t["serial"].append(time.perf_counter() - t0)
+            t["whole"].append(dq.solve(costly, chain, x_T, generator=gen()).seconds)
+            clear_cost_curves()
+            t["first"].append(dq.solve(costly, chain, x_T, generator=gen(), window="auto").seconds)
+            res = dq.solve(costly, chain, x_T, generator=gen(), window="auto")
+            t["auto"].append(res.seconds)
+        m = {k: statistics.median(v) for k, v in t.items()}
+        plan = res.stats.plan
+        err = float((res.x0 - serial).abs().max())
+        rows.append(dict(chain=name, **m, windows=plan.windows, serial_from=plan.serial_from,
+                         curve={str(n): v for n, v in plan.curve.items()}, rounds=res.iterations,
+                         err=err, converged=res.converged))
+        ws = sorted(set(plan.windows))
+        print(f"| {name} | {m['serial']:.3f} | {m['whole']:.3f} | {m['auto']:.3f} | "
+              f"{m['first']:.3f} | {m['auto'] / m['serial']:.3f} | "
+              f"{'serial' if ws == [1] else ws[:8]} | {res.iterations} | {err:.1e} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=str(device), params=n_params, rows=rows),
+                                              indent=1))
+
+
 def run_real(args):
     """The bundled UNet on this CPU, no sleep: serial vs whole chain vs auto."""
     from deqir_fast.calibration import load
@@ -275,6 +342,10 @@ def main(argv=None):
                    help="time this many more planned solves after the second, each repeat")
     p.add_argument("--real", action="store_true")
     p.add_argument("--simulated", action="store_true")
+    p.add_argument("--unet-cost", action="store_true",
+                   help="the bundled model's rounds at a 109M UNet's cost (3x256^2; the GPU check)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="--unet-cost: write the rows here")
     p.add_argument("--advance", action="store_true")
     p.add_argument("--out", default=str(HERE / "results" / "planner"))
     args = p.parse_args(argv)
@@ -285,6 +356,8 @@ def main(argv=None):
         return run_real(args)
     if args.simulated:
         return run_simulated(args)
+    if args.unet_cost:
+        return run_unet_cost(args)
     print(f"S = {args.steps}, B = 1, medians of {args.repeats}, sleeps x{args.scale}; "
           f"torch {torch.__version__}, {sys.platform}\n")
     print(HEAD)
