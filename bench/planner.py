@@ -238,6 +238,25 @@ class UNetCost(torch.nn.Module):
         return self.model(x, t)
 
 
+def serial_whole_auto(model, chain, x_T, gen, repeats: int, sync=lambda: None):
+    """Median seconds of the serial sampler, the whole chain, the first planned solve of a
+    process and the one after it, over ``repeats`` turns; and the last planned result and
+    serial x0."""
+    t = {"serial": [], "whole": [], "auto": [], "first": []}
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        serial = dq.sample_serial(model, chain, x_T, generator=gen())
+        sync()
+        t["serial"].append(time.perf_counter() - t0)
+        t["whole"].append(dq.solve(model, chain, x_T, generator=gen()).seconds)
+        clear_cost_curves()
+        t["first"].append(dq.solve(model, chain, x_T, generator=gen(), window="auto").seconds)
+        res = dq.solve(model, chain, x_T, generator=gen(), window="auto")
+        t["auto"].append(res.seconds)
+    return {k: statistics.median(v) for k, v in t.items()}, res, serial
+
+
 def run_unet_cost(args):
     """Issue #24's GPU check: DDIM-100 and DDRM-100 on the bundled model at the cost of a
     109M UNet at 256^2: serial vs the whole chain vs window="auto" (first and warm)."""
@@ -260,19 +279,7 @@ def run_unet_cost(args):
     for name, chain in chains(schedule, args.steps, truth.to(device)):
         if name not in args.chains.split(","):
             continue
-        t = {"serial": [], "whole": [], "auto": [], "first": []}
-        for rep in range(args.repeats):
-            sync()
-            t0 = time.perf_counter()
-            serial = dq.sample_serial(costly, chain, x_T, generator=gen())
-            sync()
-            t["serial"].append(time.perf_counter() - t0)
-            t["whole"].append(dq.solve(costly, chain, x_T, generator=gen()).seconds)
-            clear_cost_curves()
-            t["first"].append(dq.solve(costly, chain, x_T, generator=gen(), window="auto").seconds)
-            res = dq.solve(costly, chain, x_T, generator=gen(), window="auto")
-            t["auto"].append(res.seconds)
-        m = {k: statistics.median(v) for k, v in t.items()}
+        m, res, serial = serial_whole_auto(costly, chain, x_T, gen, args.repeats, sync)
         plan = res.stats.plan
         err = float((res.x0 - serial).abs().max())
         rows.append(dict(chain=name, **m, windows=plan.windows, serial_from=plan.serial_from,
@@ -299,15 +306,7 @@ def run_real(args):
     for name, chain in chains(schedule, args.steps, truth):
         if name not in args.chains.split(","):
             continue
-        t = {"serial": [], "whole": [], "auto": [], "first": []}
-        for rep in range(args.repeats):
-            t["serial"].append(timed(lambda: dq.sample_serial(model, chain, x_T, generator=gen()))[0])
-            t["whole"].append(dq.solve(model, chain, x_T, generator=gen()).seconds)
-            clear_cost_curves()
-            t["first"].append(dq.solve(model, chain, x_T, generator=gen(), window="auto").seconds)
-            res = dq.solve(model, chain, x_T, generator=gen(), window="auto")
-            t["auto"].append(res.seconds)
-        m = {k: statistics.median(v) for k, v in t.items()}
+        m, res, _ = serial_whole_auto(model, chain, x_T, gen, args.repeats)
         ws = sorted(set(res.stats.plan.windows))
         print(f"| {name} | {m['serial']:.3f} | {m['whole']:.3f} | {m['auto']:.3f} | "
               f"{m['auto'] / m['serial']:.3f} | {m['first'] / m['serial']:.3f} | "
