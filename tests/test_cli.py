@@ -282,8 +282,7 @@ def test_several_inputs_batched_into_a_folder(images, capsys):
     assert listing(images) >= {"out", "in", "empty"} and not Path("restored").exists()
 
 
-def test_modes_window_and_progress(images, capsys, monkeypatch):
-    monkeypatch.setattr(cli.reporting, "_NOTED", set())    # the note is shown once per process
+def test_modes_window_and_progress(images, capsys):
     # auto: the planner (its first solve on this CPU measures the cost per call)
     assert restore("low.png", "--task", "sr2", "--out", "a.png") == 0
     captured = capsys.readouterr()
@@ -524,8 +523,7 @@ def test_info_lists_only_usable_scan_backends(monkeypatch):
     assert "triton (triton is not installed)" in check()
 
 
-def test_flags_that_cannot_act_are_reported(images, capsys, monkeypatch):
-    monkeypatch.setattr(cli.reporting, "_NOTED", set())
+def test_flags_that_cannot_act_are_reported(images, capsys):
     serial = ["--task", "sr2", "--out", "a.png", "--steps", "2"]
     # solver options with a serial run: a note naming them
     assert cli.main(["restore", "low.png", *serial, "--mode", "serial", "--window", "2",
@@ -560,8 +558,7 @@ def test_flags_that_cannot_act_are_reported(images, capsys, monkeypatch):
     assert listing(images) == before
 
 
-def test_notes_once_per_process_and_quiet(images, capsys, monkeypatch):
-    monkeypatch.setattr(cli.reporting, "_NOTED", set())
+def test_notes_and_quiet(images, capsys):
     argv = ["restore", "low.png", "--task", "sr2", "--steps", "1", "--out", "a.png", "--mode",
             "serial", "--tol", "0.1"]
     assert cli.main(argv + ["--quiet"]) == 0

@@ -7,11 +7,6 @@ any command loads); tqdm is imported when a bar is made."""
 from __future__ import annotations
 
 import sys
-from typing import Optional
-
-# Notes already shown in this process (Reporter.note(..., once=key)): a program that calls
-# main() several times (tests, notebooks) needs the explanation only once.
-_NOTED: set = set()
 
 
 class Reporter:
@@ -20,12 +15,9 @@ class Reporter:
     def __init__(self, quiet: bool):
         self.quiet = quiet
 
-    def note(self, text: str, once: Optional[str] = None) -> None:
-        if self.quiet or (once is not None and once in _NOTED):
-            return
-        if once is not None:
-            _NOTED.add(once)
-        print(f"note: {text}", file=sys.stderr, flush=True)
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(f"note: {text}", file=sys.stderr, flush=True)
 
     def bar(self, desc: str, total: int, unit: str):
         from tqdm.auto import tqdm
