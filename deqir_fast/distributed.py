@@ -603,7 +603,7 @@ class ShardedEngine:
         return _PlannerSync(self.cfg, X.device)
 
     def planner_kind(self) -> tuple:
-        return ("sharded", dist.get_world_size(self.cfg.group))
+        return ("sharded", self.R)
 
     def run_serial(self, loop, start: int, stop: int, step_done) -> None:
         """Every rank runs the serial sampler (the same steps from the same state: no

@@ -28,7 +28,8 @@ RUN_FIELDS = (
     "model", "chain", "steps", "batch", "method", "settings", "speed_only", "repeats",
     "wall_s", "wall_s_runs", "speedup_vs_serial", "model_s", "overhead_s",
     "rounds", "nfe", "sequential_calls", "converged", "max_abs_err", "parity_ok", "parity",
-    "residuals", "window", "plan_windows", "plan_curve", "call_s", "batched_call_s", "batch_cost_ratio", "projected_s", "ideal_s",
+    "residuals", "window", "plan_windows", "plan_curve", "call_s", "batched_call_s",
+    "batch_cost_ratio", "projected_s", "ideal_s",
     "peak_mem_mb", "mem_added_mb", "mem_kind", "load_1m",
 ) + GPU_FIELDS + ("energy_per_image_j",)
 LOOP_FIELDS = (

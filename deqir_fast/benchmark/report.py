@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import List
 
 from .. import image_io as io
-from .config import OURS, SERIAL
 from ..peers import PLANNED
+from .config import OURS, SERIAL
 from .plots import plot_planner, plot_residuals, plot_rounds, plot_time
 
 def _num(v, spec=".3g", none="-") -> str:

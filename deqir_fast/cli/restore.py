@@ -240,8 +240,7 @@ def plan_summary(plan) -> str:
     """How a planned solve ran, in a few words."""
     if plan.serial_from == 0:
         return "the serial sampler: faster than any window here"
-    windows = sorted(set(w for w, a in zip(plan.windows, plan.advances)
-                         if plan.serial_from is None or w > 1))
+    windows = sorted({w for w in plan.windows if plan.serial_from is None or w > 1})
     shown = ", ".join(str(w) for w in windows[:4]) + (", ..." if len(windows) > 4 else "")
     tail = "" if plan.serial_from is None else f", then serial from step {plan.serial_from}"
     return f"windows {shown}{tail}"

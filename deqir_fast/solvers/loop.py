@@ -112,8 +112,8 @@ class FixedPointLoop:
         lo, hi = self.lo, self.hi
         p = self.stats.iterations                      # the shadow's step this round
         compare = p < lo      # only a frozen state is final: an unfrozen one may be off serial
-        rows = self.call_rows()
         if self.planner is not None:
+            rows = self.call_rows()
             self.planner.round_started()
         r, deviation = self.engine.evaluate(self, p, compare)
         if deviation is not None and not math.isfinite(deviation):
@@ -289,8 +289,8 @@ class FixedPointLoop:
         # still pays for at least one frozen step: S rounds always suffice.
         n_rounds = min(self.options.check_every, W, self.max_iter - self.stats.iterations)
         p0 = self.stats.iterations                     # the shadow's step in the batch's round 0
-        rows = self.call_rows()
         if self.planner is not None:
+            rows = self.call_rows()
             self.planner.round_started()
         rec = self.engine.run_batch(self, n_rounds)
         if self.planner is not None:

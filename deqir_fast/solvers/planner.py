@@ -138,8 +138,9 @@ class CostCurve:
         return ts[i - 1] + w * (ts[i] - ts[i - 1])
 
 
-# model -> {(system kind, image shape, dtype, device): CostCurve, and (that key, chain
-# kind, S): the (W, advance) rounds of the last planned solve}; weak, so they go with it
+# model -> {(system kind, image shape, dtype, device[, ranks]): CostCurve; (that key, chain,
+# operator, S, regime): the (W, advance, at the end) rounds remembered; (that, "end"): the
+# end episodes}; weak, so they go with the model
 _CURVES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -148,11 +149,6 @@ def _per_model(model) -> dict:
         return _CURVES.setdefault(model, {})
     except TypeError:                      # not weakly referenceable: nothing is kept
         return {}
-
-
-def cached_curve(model, key) -> CostCurve:
-    """The process's cost curve of ``model`` for ``key``."""
-    return _per_model(model).setdefault(key, CostCurve())
 
 
 def clear_cost_curves() -> None:
@@ -473,4 +469,4 @@ def as_planner(window) -> Optional[Planner]:
 
 
 __all__ = ["ADVANCE_EXPONENT", "SERIAL", "CostCurve", "PlanStats", "Planner", "as_planner",
-           "cached_curve", "clear_cost_curves"]
+           "clear_cost_curves"]
