@@ -214,6 +214,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
     """
     options = _check_arguments(solver, linearize, grad, tol, max_iter, window, process_group,
                                options, unknown)
+    _check_order(chain, process_group, options)
     start = time.perf_counter()
     system, noise = _prepare(model, chain, x_T, noise, generator, allow_tf32=options.allow_tf32)
     with torch.no_grad():
@@ -287,6 +288,28 @@ def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_gro
     return options
 
 
+def _check_order(chain, process_group, options) -> None:
+    """What an order-2 chain (DPM-Solver++(2M)) does not run yet: a ValueError before any
+    work. Its step reads the state two steps back, which the sharded solve's carries, the
+    batched read-back's shadow history and the adjoint (grad="ift", ``backward``) do not
+    carry yet (docs/design.md §2b); the adjoint is refused where it is asked for
+    (``_refuse_adjoint``)."""
+    if getattr(chain, "order", 1) != 2:
+        return
+    name = type(chain).__name__
+    if process_group is not None:
+        raise ValueError(f"{name} (an order-2 chain) does not run with process_group yet")
+    if options.check_every != 1 or options.cuda_graph:
+        raise ValueError(f"{name} (an order-2 chain) needs check_every=1 and cuda_graph=False")
+
+
+def _refuse_adjoint(chain) -> None:
+    if getattr(chain, "order", 1) == 2:
+        raise ValueError(f"implicit gradients (grad='ift', deqir_fast.backward) of "
+                         f"{type(chain).__name__}, an order-2 chain, are not supported yet: "
+                         f"use grad='unrolled' (autograd through the serial sampler)")
+
+
 def _starts_serial(planner, system, solver, linearize, tol, options) -> bool:
     """Whether the planner runs the serial sampler from the first step (its probe runs
     here, before the initial guess's model call, which the serial sampler does not need)."""
@@ -319,6 +342,7 @@ def _differentiable_x0(handle: _Handle, model, chain, grad, options: SolveOption
     x_T = handle.x_T
     y = getattr(chain, "y", None)
     if grad == "ift":
+        _refuse_adjoint(chain)
         y_in = y if y is not None else x_T.new_zeros(0)
         return _ImplicitX0.apply(handle, x_T, y_in, *handle.params)
     value = handle.x0.detach()
@@ -353,6 +377,7 @@ def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
     if not isinstance(result, SolveResult) or result.handle is None:
         raise TypeError("result must be the SolveResult of deqir_fast.solve")
     h = result.handle
+    _refuse_adjoint(h.system.chain)
     check_tensor("grad_x0", grad_x0, shape=tuple(h.x0.shape))
     overrides = {} if tol is None else {"tol": float(tol)}
     x_T = h.x_T.detach().requires_grad_(True)

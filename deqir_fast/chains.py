@@ -89,6 +89,14 @@ class Chain:
 
     operator: Optional[Operator] = None
     num_jacobian_classes = 1         # see ``jacobian_classes``
+    # 2 for a multistep chain whose step also reads the previous step's state and model
+    # output (``previous_coefficients``, docs/design.md §2b)
+    order = 1
+    # x_T's factor into the first state (a diffusers σ-space scheduler's init_noise_sigma /
+    # sqrt(1 + σ_0²)), and the final state's into the serial loop's result (1/sqrt(ᾱ') for
+    # a variance-exploding loop that stops at σ > 0); set by the adapters
+    initial_scale = 1.0
+    output_scale = 1.0
 
     def __init__(self, schedule: Schedule, timesteps, final_alpha: float = 1.0):
         if not isinstance(schedule, Schedule):
@@ -190,6 +198,12 @@ class Chain:
     def _k(self, a, an):
         raise NotImplementedError
 
+    def previous_coefficients(self) -> Optional[tuple]:
+        """(C, D), each [S] float64, for a chain of order 2 whose step i also reads the
+        previous step's input and model output: u_{i+1} = P u_i + Q ē_i + R_i + C_i u_{i-1}
+        + D_i ē_{i-1}, with C_0 = D_0 = 0 (docs/design.md §2b). None for order 1."""
+        return None
+
     def jacobian_classes(self, lo: int, hi: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         """Which coefficient class each spectral element of steps lo..hi-1 is in, as
         small ints broadcastable to [hi-lo, 1, *like.shape[1:]], or None when every element
@@ -202,7 +216,7 @@ class Chain:
         raise NotImplementedError
 
     def _initial_state(self, x_T: torch.Tensor, y=None) -> torch.Tensor:
-        return x_T
+        return x_T if self.initial_scale == 1.0 else x_T * self.initial_scale
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.num_steps}, t={self.timesteps[0]}..{self.timesteps[-1]})"
@@ -230,7 +244,7 @@ class DDIM(Chain):
                              "chain_from_diffusers)")
 
     def kernel_spec(self):
-        if type(self) is not DDIM:
+        if type(self) not in (DDIM, Euler):
             return None
         return KernelSpec("ddim", self.alpha, self.alpha_next, eta=self.eta,
                           uses_noise=self.eta > 0)
@@ -242,6 +256,16 @@ class DDIM(Chain):
         k0 = an.sqrt()
         kE = (1 - an - sigma ** 2).clamp_min(0).sqrt()
         return k0, kE, None, (sigma if self.eta > 0 else None)
+
+
+class Euler(DDIM):
+    """Euler on the probability-flow ODE in σ-space (k-diffusion's ``sample_euler`` without
+    churn, diffusers' ``EulerDiscreteScheduler``): with ᾱ = 1/(1 + σ²) and the variance-
+    preserving state u = x / sqrt(1 + σ²) it is DDIM with η = 0 (``k_diffusion`` shows the
+    algebra), and runs as DDIM does, fused kernels included."""
+
+    def __init__(self, schedule: Schedule, timesteps, final_alpha: float = 1.0):
+        super().__init__(schedule, timesteps, eta=0.0, final_alpha=final_alpha)
 
 
 class _Restoration(Chain):
@@ -391,3 +415,112 @@ class DDNM(_Restoration):
     @property
     def needs_noise(self) -> bool:
         return self.eta > 0
+
+
+class EulerAncestral(Chain):
+    """Euler-ancestral on the probability-flow ODE in σ-space (k-diffusion's
+    ``sample_euler_ancestral``, diffusers' ``EulerAncestralDiscreteScheduler``), in the
+    variance-preserving state u = x / sqrt(1 + σ²) (σ² = (1-ᾱ)/ᾱ).
+
+    With x0 = D(x, σ) and ε = (x - x0)/σ the step is x' = x0 + σ_down ε + s_noise σ_up z,
+    so in u it is affine like every other chain. ``eta = 0`` is Euler (= DDIM, η = 0)."""
+
+    def __init__(self, schedule: Schedule, timesteps, eta: float = 1.0, s_noise: float = 1.0,
+                 final_alpha: float = 1.0):
+        super().__init__(schedule, timesteps, final_alpha)
+        self.eta = check_nonnegative("eta", eta)
+        self.s_noise = check_nonnegative("s_noise", s_noise)
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.eta > 0 and self.s_noise > 0
+
+    def _k(self, a, an):
+        # 1. σ = sqrt((1-ᾱ)/ᾱ) of this step's input and of the next state
+        sigma, sigma_next = ((1 - a) / a).sqrt(), ((1 - an) / an).sqrt()
+        # 2. σ_up = min(σ', η sqrt(σ'² (σ² - σ'²)/σ²)), σ_down = sqrt(σ'² - σ_up²)
+        #    (k-diffusion ``get_ancestral_step``)
+        up = torch.minimum(sigma_next, self.eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2)
+                                                   / sigma ** 2).clamp_min(0).sqrt())
+        down = (sigma_next ** 2 - up ** 2).clamp_min(0).sqrt()
+        # 3. x' = x0 + σ_down ε + s_noise σ_up z, and u' = sqrt(ᾱ') x'
+        r = an.sqrt()
+        return r, r * down, None, (r * up * self.s_noise if self.needs_noise else None)
+
+
+class DPMSolverPP(Chain):
+    """DPM-Solver++ (Lu et al. 2022), multistep, data prediction, on the variance-
+    preserving state (k-diffusion's ``sample_dpmpp_2m``; diffusers'
+    ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``).
+
+    With α = sqrt(ᾱ), σ = sqrt(1-ᾱ), λ = log(α/σ), h_i = λ_{i+1} - λ_i, r_i = h_{i-1}/h_i and
+    the data prediction m_i = (u_i - σ_i ε_i)/α_i, step i is (Lu et al., Alg. 2)
+
+        u_{i+1} = (σ_{i+1}/σ_i) u_i + α_{i+1}(1 - e^{-h_i}) m_i + κ_i (m_i - m_{i-1}),
+
+    κ_i = α_{i+1}(1 - e^{-h_i})/(2 r_i) ("midpoint") or α_{i+1}((e^{-h_i} - 1)/h_i + 1)/r_i
+    ("heun"), and κ_i = 0 at a first-order step: ``first_order[i]`` (``solver_order=1``:
+    every step; step 0 and a step to σ' = 0, ᾱ' = 1, always, as both libraries do: that
+    step lands on m_i). The m_{i-1} term makes the chain order 2
+    (``previous_coefficients``)."""
+
+    order = 2
+    SOLVER_TYPES = ("midpoint", "heun")
+
+    def __init__(self, schedule: Schedule, timesteps, solver_order: int = 2,
+                 solver_type: str = "midpoint", first_order=None, final_alpha: float = 1.0):
+        super().__init__(schedule, timesteps, final_alpha)
+        if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order not in (1, 2):
+            raise ValueError(f"solver_order must be 1 or 2, got {solver_order!r}")
+        if solver_type not in self.SOLVER_TYPES:
+            raise ValueError(f"solver_type must be one of {self.SOLVER_TYPES}, got {solver_type!r}")
+        S = self.num_steps
+        if first_order is None:
+            first_order = torch.zeros(S, dtype=torch.bool)
+        first_order = torch.as_tensor(first_order, dtype=torch.bool).clone()
+        if first_order.shape != (S,):
+            raise ValueError(f"first_order must have one flag per step ({S}), got shape "
+                             f"{tuple(first_order.shape)}")
+        first_order[0] = True
+        first_order |= self.alpha_next >= 1.0            # h = inf: no second-order term
+        if solver_order == 1:
+            first_order[:] = True
+        self.solver_order, self.solver_type, self.first_order = solver_order, solver_type, first_order
+        self.order = 1 if bool(first_order.all()) else 2
+
+    @property
+    def needs_noise(self) -> bool:
+        return False
+
+    def _terms(self):
+        """Per step [S] float64: ρ = σ'/σ, the first-order weight K = α'(1 - e^{-h}) of m_i,
+        and κ of (m_i - m_{i-1})."""
+        a, an = self.alpha, self.alpha_next
+        sig, sig_n = (1 - a).sqrt(), (1 - an).sqrt()
+        lam = a.sqrt().log() - sig.log()
+        lam_n = an.sqrt().log() - sig_n.log()                     # +inf where ᾱ' = 1
+        h = lam_n - lam
+        K = an.sqrt() * -torch.expm1(-h)
+        h_prev = torch.cat([h.new_ones(1), h[:-1]])              # h_{i-1} (unused at step 0)
+        r = h_prev / h
+        if self.solver_type == "midpoint":
+            kappa = K / (2 * r)
+        else:
+            kappa = an.sqrt() * (torch.expm1(-h) / h + 1) / r
+        kappa = torch.where(self.first_order, torch.zeros_like(kappa), kappa)
+        return sig_n / sig, K, kappa
+
+    def _k(self, a, an):
+        rho, K, kappa = (v.to(a.device).view_as(a) for v in self._terms())
+        # 1. u' = ρ u + (K + κ) m_i - κ m_{i-1}; ρ u = ρ (sqrt(a) m + sqrt(1-a) ε)
+        return rho * a.sqrt() + K + kappa, rho * (1 - a).sqrt(), None, None
+
+    def previous_coefficients(self):
+        if self.order == 1:
+            return None
+        _, _, kappa = self._terms()
+        # 2. -κ m_{i-1} = -κ/α_{i-1} u_{i-1} + κ σ_{i-1}/α_{i-1} ε_{i-1}
+        a_prev = torch.cat([self.alpha.new_ones(1), self.alpha[:-1]])
+        C = -kappa / a_prev.sqrt()
+        D = kappa * (1 - a_prev).sqrt() / a_prev.sqrt()
+        return C, D

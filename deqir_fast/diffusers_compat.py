@@ -54,6 +54,18 @@ from .chains import DDIM, Chain
 from .schedules import Schedule, check_timesteps
 
 SUPPORTED = ("DDIMScheduler", "DDPMScheduler")
+# The σ-space schedulers (issue #25): their chains come from the scheduler's own
+# set_timesteps (sigmas and model timesteps), so every spacing, interpolation and sigma
+# option diffusers has is the scheduler's own arithmetic.
+SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                    "DPMSolverMultistepScheduler")
+# What the serial loop runs of each σ-space scheduler (a subclass overriding one steps
+# differently from the chain).
+SIGMA_STEPPING_METHODS = ("set_timesteps", "scale_model_input", "step", "_sigma_to_t",
+                          "_convert_to_karras", "_convert_to_exponential", "_convert_to_beta",
+                          "_convert_to_lu", "convert_model_output", "_sigma_to_alpha_sigma_t",
+                          "dpm_solver_first_order_update",
+                          "multistep_dpm_solver_second_order_update", "_threshold_sample")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 AFFINE_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -86,7 +98,7 @@ def _diffusers_base(cls) -> Optional[type]:
     """diffusers' own DDIMScheduler / DDPMScheduler among ``cls``'s bases, or None (a
     class of that name from another package is not diffusers')."""
     for c in cls.__mro__:
-        if c.__name__ in SUPPORTED and c.__module__.split(".")[0] == "diffusers":
+        if c.__name__ in SUPPORTED + SIGMA_SCHEDULERS and c.__module__.split(".")[0] == "diffusers":
             return c
     return None
 
@@ -120,7 +132,8 @@ def _check_not_overridden(scheduler) -> None:
         return
     above = cls.__mro__[:cls.__mro__.index(base)]          # the subclasses between cls and base
     own = getattr(scheduler, "__dict__", {})              # methods set on the instance itself
-    changed = [m for m in STEPPING_METHODS if any(m in vars(c) for c in above) or m in own]
+    methods = SIGMA_STEPPING_METHODS if base.__name__ in SIGMA_SCHEDULERS else STEPPING_METHODS
+    changed = [m for m in methods if any(m in vars(c) for c in above) or m in own]
     if changed:
         what = (f"of class {cls.__qualname__} (a subclass of diffusers' {base.__name__})"
                 if cls is not base else f"({base.__name__}) has an instance attribute that")
@@ -129,7 +142,7 @@ def _check_not_overridden(scheduler) -> None:
             f"from the config and reproduces {base.__name__}'s own step, so it would not step "
             f"as the override does. "
             f"Use {base.__name__} itself, e.g. {base.__name__}.from_config(scheduler.config), "
-            f"or a subclass that leaves {', '.join(STEPPING_METHODS)} as they are")
+            f"or a subclass that leaves {', '.join(methods)} as they are")
 
 
 def _betas_for_alpha_bar(n: int, kind: str, max_beta: float = 0.999) -> torch.Tensor:
@@ -495,10 +508,14 @@ def chain_from_diffusers(scheduler, num_inference_steps: Optional[int] = None,
     ``rescale_betas_zero_snr`` where a step runs the model at ᾱ = 0.
     """
     kind, cfg = _read(scheduler)
+    if kind in SIGMA_SCHEDULERS:
+        _check_not_overridden(scheduler)
+        return _sigma_chain(scheduler, kind, cfg, num_inference_steps, eta)
     if kind not in SUPPORTED:
         raise ValueError(f"unsupported scheduler {kind or 'config without _class_name'!r}: the "
-                         f"parallel chain reproduces {' and '.join(SUPPORTED)}; convert with "
-                         f"DDIMScheduler.from_config(scheduler.config, clip_sample=False)")
+                         f"parallel chain reproduces {', '.join(SUPPORTED + SIGMA_SCHEDULERS)}; "
+                         f"convert with DDIMScheduler.from_config(scheduler.config, "
+                         f"clip_sample=False)")
     _check_not_overridden(scheduler)
     _check_affine(kind, cfg, kind)
     if num_inference_steps is None:
@@ -532,6 +549,123 @@ def chain_from_diffusers(scheduler, num_inference_steps: Optional[int] = None,
                          f"DDIMScheduler.from_config(scheduler.config)")
     return DDPM(schedule, ts, variance=cfg["variance_type"], final_alpha=1.0, prediction_type=pt,
                 coefficient_dtype=torch.float32)
+
+
+def _sigma_scheduler(scheduler, kind: str):
+    """A scheduler instance to run ``set_timesteps`` on: a copy of ``scheduler`` (its own
+    state stays as it was), or one built from a config by diffusers itself."""
+    import copy
+    if isinstance(scheduler, Mapping):
+        try:
+            import diffusers
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(f"a {kind} config needs diffusers to compute its sigmas: pip "
+                              f"install 'deqir_fast[demo]', or pass the scheduler") from exc
+        cfg = {k: v for k, v in scheduler.items() if not k.startswith("_")}
+        return getattr(diffusers, kind).from_config(cfg)
+    return copy.deepcopy(scheduler)
+
+
+def _check_sigma_config(kind: str, cfg: Mapping, eta) -> None:
+    """ValueError for a σ-space scheduler setting the chain does not reproduce."""
+    pt = cfg.get("prediction_type", "epsilon")
+    allowed = ("epsilon", "v_prediction") if kind == "EulerAncestralDiscreteScheduler" \
+        else PREDICTION_TYPES
+    if pt not in allowed:
+        raise ValueError(f"{kind} with prediction_type={pt!r} is not supported (one of "
+                         f"{allowed}{'; diffusers itself raises for sample' if pt == 'sample' else ''})")
+    if eta is not None:
+        raise ValueError(f"{kind} has no eta argument (pass eta=None); "
+                         f"{'EulerAncestralDiscreteScheduler adds the full ancestral noise' if 'Ancestral' in kind else 'it is deterministic'}")
+    if kind != "DPMSolverMultistepScheduler":
+        return
+    checks = [
+        (cfg.get("algorithm_type", "dpmsolver++") == "dpmsolver++",
+         "algorithm_type must be 'dpmsolver++' (DPM-Solver++, data prediction); 'dpmsolver' and "
+         "the SDE variants are not supported"),
+        (cfg.get("solver_order", 2) in (1, 2),
+         f"solver_order must be 1 or 2 (DPM-Solver++(2M)), got {cfg.get('solver_order')!r}"),
+        (cfg.get("solver_type", "midpoint") in ("midpoint", "heun"),
+         f"solver_type must be 'midpoint' or 'heun', got {cfg.get('solver_type')!r}"),
+        (not cfg.get("thresholding", False),
+         "thresholding=True clips the predicted x0 per step, which is not affine in the "
+         "state: build the scheduler with thresholding=False"),
+        (cfg.get("variance_type") is None,
+         f"variance_type={cfg.get('variance_type')!r} (learned variances) is not supported: "
+         f"use variance_type=None with an eps half of the output"),
+        (not cfg.get("use_flow_sigmas", False) and not cfg.get("use_dynamic_shifting", False),
+         "flow-matching sigmas (use_flow_sigmas, use_dynamic_shifting) are not supported"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            raise ValueError(f"DPMSolverMultistepScheduler: {why}")
+
+
+def _sigma_chain(scheduler, kind: str, cfg: Mapping, num_inference_steps, eta) -> Chain:
+    """The chain of a σ-space scheduler (``SIGMA_SCHEDULERS``) after
+    ``set_timesteps(num_inference_steps)``: its sigmas become the chain's ᾱ = 1/(1 + σ²)
+    (``schedule_from_sigmas``), its timesteps the values the network is called with
+    (``chain.model_timesteps``, by the chain's timestep index: see ``models.eps_model``)."""
+    from .chains import DPMSolverPP, Euler, EulerAncestral
+    from .schedules import schedule_from_sigmas
+    _check_sigma_config(kind, cfg, eta)
+    if num_inference_steps is None:
+        raise ValueError(f"num_inference_steps is required for {kind}")
+    if isinstance(num_inference_steps, numbers.Integral) and not isinstance(num_inference_steps, bool):
+        num_inference_steps = int(num_inference_steps)
+    check_positive_int("num_inference_steps", num_inference_steps)
+    sched = _sigma_scheduler(scheduler, kind)
+    sched.set_timesteps(num_inference_steps)
+    model_ts = sched.timesteps.detach().to("cpu")
+    # the loop steps once per timestep, from sigmas[i] to sigmas[i + 1] (with
+    # interpolation_type="log_linear" diffusers makes one sigma more than it steps through)
+    sigmas = sched.sigmas.detach().to("cpu")[:model_ts.numel() + 1]
+    # A last step from σ to the same σ (final_sigmas_type="sigma_min" where the spacing
+    # ends at t = 0 or Karras sigmas end at σ_min) leaves diffusers' sample as it is (its
+    # first-order update has h = 0): the chain stops before it.
+    S_loop = model_ts.numel()
+    S = S_loop
+    while S > 1 and float(sigmas[S]) == float(sigmas[S - 1]):
+        S -= 1
+    sigmas, model_ts = sigmas[:S + 1], model_ts[:S]
+    try:
+        schedule, ts, final_alpha = schedule_from_sigmas(sigmas)
+    except ValueError as exc:
+        raise ValueError(f"{kind} after set_timesteps({num_inference_steps}) has sigmas the chain "
+                         f"cannot step: {exc}") from None
+    if kind == "DPMSolverMultistepScheduler":
+        # diffusers' step: first order while no earlier output exists and at a
+        # ``lower_order_final`` last step of the loop (which may be the dropped one)
+        last_low = (cfg.get("euler_at_final", False)
+                    or (cfg.get("lower_order_final", True) and S_loop < 15)
+                    or cfg.get("final_sigmas_type", "zero") == "zero")
+        first = torch.zeros(S, dtype=torch.bool)
+        if S == S_loop:
+            first[-1] = bool(last_low)
+        chain = DPMSolverPP(schedule, ts, solver_order=int(cfg.get("solver_order", 2)),
+                            solver_type=cfg.get("solver_type", "midpoint"), first_order=first,
+                            final_alpha=final_alpha)
+        chain.noise_draws = torch.zeros(S, dtype=torch.bool)
+        # the state is diffusers' own (variance preserving): x_T = randn · init_noise_sigma
+        chain.initial_scale = float(torch.as_tensor(sched.init_noise_sigma, dtype=torch.float64))
+    else:
+        # the state is the variance-exploding x = u sqrt(1 + σ²): x_T = randn ·
+        # init_noise_sigma enters as u_0 = x_T · init_noise_sigma / sqrt(1 + σ_0²), and the
+        # loop's result is u / sqrt(ᾱ') (1 at a final σ of 0)
+        if kind == "EulerAncestralDiscreteScheduler":
+            chain = EulerAncestral(schedule, ts, eta=1.0, final_alpha=final_alpha)
+            chain.noise_draws = torch.ones(S, dtype=torch.bool)     # every step draws
+        else:
+            chain = Euler(schedule, ts, final_alpha=final_alpha)
+            chain.noise_draws = torch.zeros(S, dtype=torch.bool)
+        init_sigma = float(torch.as_tensor(sched.init_noise_sigma, dtype=torch.float64))
+        chain.initial_scale = init_sigma / (1.0 + float(sigmas[0]) ** 2) ** 0.5
+        chain.output_scale = 1.0 / final_alpha ** 0.5
+    # step i runs the network at model_ts[i]; its timestep index is S - 1 - i
+    chain.model_timesteps = model_ts.flip(0)
+    chain.prediction_type = cfg.get("prediction_type", "epsilon")
+    chain.scheduler_class = kind
+    return chain
 
 
 # -- models and noise ---------------------------------------------------------------------

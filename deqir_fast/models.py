@@ -7,7 +7,8 @@ from typing import Optional, Union
 
 import torch
 
-from .diffusers_compat import PREDICTION_TYPES, _read, schedule_from_diffusers, to_eps
+from .diffusers_compat import (PREDICTION_TYPES, SIGMA_SCHEDULERS, _read, schedule_from_diffusers,
+                               to_eps)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -26,10 +27,14 @@ class EpsModel(torch.nn.Module):
       sqrt(ᾱ) v + sqrt(1-ᾱ) x), so every chain sees an eps model.
     ``schedule`` (a ``Schedule`` or None) is also the model's own schedule, as read by
     ``load_unet`` from a scheduler config next to the weights.
+    ``model_timesteps`` (a tensor, or None): the network is called with
+    ``model_timesteps[t]`` instead of t (a σ-space chain's timestep indices are not the
+    network's timesteps: ``chain_from_diffusers`` sets ``chain.model_timesteps``).
     """
 
     def __init__(self, network: torch.nn.Module, max_batch: Optional[int] = None,
-                 prediction_type: str = "epsilon", schedule=None):
+                 prediction_type: str = "epsilon", schedule=None,
+                 model_timesteps: Optional[torch.Tensor] = None):
         super().__init__()
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
                                       or max_batch < 1):
@@ -46,6 +51,10 @@ class EpsModel(torch.nn.Module):
         # The model's own schedule (a deqir_fast.Schedule) when known, else None.
         self.schedule = schedule
         self.scheduler_config = None
+        if model_timesteps is not None and not isinstance(model_timesteps, torch.Tensor):
+            raise TypeError(f"model_timesteps must be a tensor or None, got "
+                            f"{type(model_timesteps).__name__}")
+        self.model_timesteps = model_timesteps
 
     def _dtype(self) -> Optional[torch.dtype]:
         for p in self.network.parameters():
@@ -54,7 +63,9 @@ class EpsModel(torch.nn.Module):
 
     def _one(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         dtype = self._dtype() or x.dtype
-        out = self.network(x.to(dtype), t)
+        t_net = t if self.model_timesteps is None else \
+            self.model_timesteps.to(t.device)[t.long()]
+        out = self.network(x.to(dtype), t_net)
         if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
             out = out.sample
         if out.dim() == 4 and out.shape[1] == 2 * x.shape[1]:
@@ -71,10 +82,23 @@ class EpsModel(torch.nn.Module):
                           zip(x.split(self.max_batch), t.split(self.max_batch))])
 
 
-def eps_model(network, scheduler, max_batch: Optional[int] = None) -> EpsModel:
+def eps_model(network, scheduler, max_batch: Optional[int] = None, chain=None) -> EpsModel:
     """``EpsModel(network)`` reading a diffusers scheduler's (or config's)
-    ``prediction_type`` (eps from "sample" or "v_prediction" outputs) and schedule."""
-    _, cfg = _read(scheduler)
+    ``prediction_type`` (eps from "sample" or "v_prediction" outputs) and schedule.
+
+    For the σ-space schedulers (Euler, Euler-ancestral, DPM-Solver++) pass the ``chain``
+    of ``chain_from_diffusers(scheduler, steps)``: the network then runs at the
+    scheduler's own timesteps and its output is read with each step's σ."""
+    kind, cfg = _read(scheduler)
+    if kind in SIGMA_SCHEDULERS:
+        if chain is None or getattr(chain, "model_timesteps", None) is None:
+            raise ValueError(f"eps_model for a {kind} needs chain=chain_from_diffusers("
+                             f"scheduler, steps): the network's timesteps and each step's "
+                             f"σ come from the chain")
+        return EpsModel(network, max_batch=max_batch, prediction_type=cfg["prediction_type"],
+                        schedule=chain.schedule, model_timesteps=chain.model_timesteps)
+    if chain is not None:
+        raise ValueError(f"chain= is for the σ-space schedulers {SIGMA_SCHEDULERS}, not {kind}")
     return EpsModel(network, max_batch=max_batch, prediction_type=cfg["prediction_type"],
                     schedule=schedule_from_diffusers(scheduler))
 

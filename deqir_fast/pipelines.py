@@ -63,7 +63,8 @@ def _run(pipe, chain: Chain, shape, generator, output_type, return_dict, serial,
     x_T, noise = draw_noise(chain, shape, generator, device, dtype, randn=_randn)
     model = EpsModel(unet, max_batch=max_batch,
                      prediction_type=getattr(chain, "prediction_type", "epsilon"),
-                     schedule=chain.schedule)
+                     schedule=chain.schedule,
+                     model_timesteps=getattr(chain, "model_timesteps", None))
     S = chain.num_steps
     if serial:
         image = api.sample_serial(model, chain, x_T, noise=noise)
@@ -73,7 +74,7 @@ def _run(pipe, chain: Chain, shape, generator, output_type, return_dict, serial,
         image = result.x0
         rounds, nfe, converged = result.iterations, result.nfe, result.converged
     pipe.last_result = result
-    image = image.to(dtype)
+    image = (image * chain.output_scale).to(dtype)
     image = (image / 2 + 0.5).clamp(0, 1)
     if output_type != "pt":
         image = image.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -109,7 +110,10 @@ class ParallelDDIMPipeline(DDIMPipeline):
 class ParallelDDPMPipeline(DDPMPipeline):
     """``DDPMPipeline`` solved in parallel (ancestral DDPM with the scheduler's
     ``variance_type``: "fixed_small", "fixed_small_log" or "fixed_large"; a
-    ``DDIMScheduler`` here steps as in the serial pipeline, with eta = 0)."""
+    ``DDIMScheduler`` here steps as in the serial pipeline, with eta = 0; a
+    ``DPMSolverMultistepScheduler`` runs DPM-Solver++(2M)). The Euler schedulers are
+    refused: ``DDPMPipeline`` calls neither ``scale_model_input`` nor
+    ``init_noise_sigma``, which they need, so the serial pipeline does not run Euler."""
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000,
@@ -118,6 +122,13 @@ class ParallelDDPMPipeline(DDPMPipeline):
                  max_batch: Optional[int] = None, **solve_kwargs):
         """As ``DDPMPipeline.__call__``; keyword-only solver settings as for
         ``ParallelDDIMPipeline``."""
+        kind, _ = _read(self.scheduler)
+        if kind in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+            raise ValueError(f"DDPMPipeline with a {kind} feeds the UNet the unscaled sample "
+                             f"(it calls neither scale_model_input nor init_noise_sigma), so "
+                             f"the serial pipeline it replaces does not run Euler; solve "
+                             f"dq.chain_from_diffusers(scheduler, steps) with "
+                             f"dq.models.eps_model(unet, scheduler, chain=chain) instead")
         chain = chain_from_diffusers(self.scheduler, num_inference_steps)
         return _run(self, chain, _image_shape(self.unet, batch_size), generator, output_type,
                     return_dict, serial, max_batch, dict(solve_kwargs, tol=tol))

@@ -118,3 +118,27 @@ def check_timesteps(schedule: Schedule, ts: Sequence[int] | torch.Tensor) -> tor
                          f"has ᾱ = 0 (zero terminal SNR): a step there divides by sqrt(ᾱ) "
                          f"(x0 = (x - sqrt(1-ᾱ) ε)/sqrt(ᾱ)); start below it")
     return ts
+
+
+def schedule_from_sigmas(sigmas) -> tuple:
+    """(Schedule, timesteps, final_alpha) of a chain over variance-exploding noise levels
+    ``sigmas`` (descending; the last may be 0), k-diffusion's and diffusers' σ-space
+    samplers: step i runs the model at ``sigmas[i]`` and lands on ``sigmas[i + 1]``. The
+    schedule holds ᾱ = 1/(1 + σ²) of ``sigmas[:-1]`` by index (ᾱ decreasing in the index,
+    so step i is timestep index ``len(sigmas) - 2 - i``); final_alpha is ᾱ of the last σ."""
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(sigmas)
+    if sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-D tensor of at least 2 noise levels, got shape "
+                         f"{tuple(sigmas.shape)}")
+    s = sigmas.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("sigmas contains NaN or Inf")
+    if bool((s[:-1] <= 0).any()) or float(s[-1]) < 0:
+        raise ValueError("sigmas must be > 0, except the last, which may be 0")
+    if not bool((s[1:] < s[:-1]).all()):
+        raise ValueError("sigmas must be strictly descending")
+    n = s.numel() - 1
+    schedule = Schedule(1.0 / (1.0 + s[:-1].flip(0) ** 2))   # index k <-> sigmas[n-1-k]
+    timesteps = torch.arange(n - 1, -1, -1, dtype=torch.long)
+    return schedule, timesteps, float(1.0 / (1.0 + s[-1] ** 2))

@@ -96,6 +96,20 @@ class ChainSystem:
         # step indices on the device: the serial shadow's step is a device index, so a
         # captured round can advance it (docs/design.md §3d)
         self._step_ids = torch.arange(chain.num_steps, device=coeffs.u0.device)
+        # An order-2 chain (DPM-Solver++(2M), docs/design.md §2b): step i also reads the
+        # input and model output of step i-1 through C_i u_{i-1} + D_i ē_{i-1}; the scan
+        # carries both (linearised like ē). A window from lo > 0 evaluates the state
+        # entering step lo-1 as one more row of its model call (``inputs`` puts it in the
+        # same buffer, the model call records it in ``_previous`` for the scan).
+        previous = chain.previous_coefficients() if chain.order == 2 else None
+        self.order = 1 if previous is None else 2
+        if previous is not None:
+            like = coeffs.u0
+            view = (-1,) + (1,) * like.dim()
+            self._C, self._D = (c.to(device=like.device, dtype=like.dtype).view(view)
+                                for c in previous)
+        self._pending = None       # (lo, inputs buffer with the previous row last)
+        self._previous = None      # (lo, u_{lo-1}, ē_{lo-1}) of the last model call
         # DDIM, DDRM and DDNM: the fused round computes P, Q and R per element in-kernel
         # from a [S, NS] float64 table of per-step scalars and the singular values (one
         # item's worth, in the state dtype); coeffs.P/Q/R are never materialised.
@@ -222,18 +236,24 @@ class ChainSystem:
         W = hi - lo
         U_all = self.inputs(X, lo, hi, extra=u)                   # [W + 1, B, ...]
         steps = torch.cat([self._step_ids[lo:hi], p])
-        E_all = self.eps_bar(U_all, lo, check_finite=False, steps=steps)
+        E_all = self._call(U_all, lo, steps)
         return U_all[:W], E_all[:W], E_all[W]
 
-    def shadow_step(self, u: torch.Tensor, e: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def shadow_step(self, u: torch.Tensor, e: torch.Tensor, p: torch.Tensor,
+                    previous: Optional[tuple] = None) -> torch.Tensor:
         """The serial sampler's step p from u with ē = e (both [B, ...]; p a one-element
         int64 tensor on the device): what ``serial`` runs, so the shadow is the serial
         sampler's state bit for bit when the model's output does not depend on the batch
         it runs in. The fused round's arithmetic for one step (its first step, whose
-        input is exact, is this arithmetic: parallel == serial)."""
+        input is exact, is this arithmetic: parallel == serial). An order-2 chain needs
+        ``previous`` = (the input of step p-1, its ē), anything finite at p = 0."""
         c = self.coeffs
         if self.spec is None:
             R = None if c.R is None else c.R.index_select(0, p)[0]
+            if self.order == 2:
+                u_prev, e_prev = previous
+                T = self._C.index_select(0, p)[0] * u_prev + self._D.index_select(0, p)[0] * e_prev
+                R = T if R is None else R + T
             return affine_step(c.P.index_select(0, p)[0], c.Q.index_select(0, p)[0], e, R, u)
         noise = c.noise.index_select(0, p) if (self.spec.uses_noise and c.noise is not None) else None
         return fused_round(self.spec.sampler, self._table.index_select(0, p), e[None], u[None], u,
@@ -246,12 +266,57 @@ class ChainSystem:
         rows = [self.carry(X, lo).unsqueeze(0)] + ([X[lo:hi - 1]] if hi - lo > 1 else [])
         if extra is not None:
             rows.append(extra.unsqueeze(0))
+        if self.order == 2 and lo > 0:
+            # the state entering step lo - 1, for the order-2 term of step lo: after the
+            # rows returned, in the same buffer, so the model call takes it along
+            rows.append(self.carry(X, lo - 1).unsqueeze(0))
+            buffer = torch.cat(rows)
+            self._pending = (lo, buffer)
+            return buffer[:-1]
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def model_term(self, U: torch.Tensor, lo: int) -> torch.Tensor:
         """ē(U): the one batched model call of a round (finiteness is checked by the
         solver through the residuals it reads back anyway)."""
-        return self.eps_bar(U, lo, check_finite=False)
+        return self._call(U, lo, None)
+
+    def _call(self, U: torch.Tensor, lo: int, steps: Optional[torch.Tensor]) -> torch.Tensor:
+        """``eps_bar(U, lo, steps)``; for an order-2 chain's window from lo > 0 the call
+        also takes the row ``inputs`` put after U and records (lo, u_{lo-1}, ē_{lo-1})."""
+        if self.order == 1:
+            return self.eps_bar(U, lo, check_finite=False, steps=steps)
+        pending, self._pending = self._pending, None
+        if lo == 0:
+            self._previous = (0, None, None)
+            return self.eps_bar(U, lo, check_finite=False, steps=steps)
+        if pending is None or pending[0] != lo or pending[1].data_ptr() != U.data_ptr():
+            raise RuntimeError("an order-2 chain's model call takes the inputs that "
+                               "ChainSystem.inputs returned for the same window")
+        buffer = pending[1]
+        if steps is None:
+            steps = self._step_ids[lo:lo + U.shape[0]]
+        E_all = self.eps_bar(buffer, lo, check_finite=False,
+                             steps=torch.cat([steps, self._step_ids[lo - 1:lo]]))
+        self._previous = (lo, buffer[-1], E_all[-1])
+        return E_all[:-1]
+
+    def _previous_pair(self, E: torch.Tensor, U: torch.Tensor, lo: int,
+                       previous: Optional[tuple]) -> Optional[tuple]:
+        """(C, D, u_{lo-1}, ē_{lo-1}) of an order-2 chain's window from lo, for the
+        scan (``affine_scan_reference``'s ``previous``); the pair from ``previous`` or else
+        the window's model call. None for order 1."""
+        if self.order == 1:
+            return None
+        if previous is None:
+            if lo == 0:
+                previous = (torch.zeros_like(U[0]), torch.zeros_like(E[0]))   # C_0 = D_0 = 0
+            elif self._previous is None or self._previous[0] != lo:
+                raise RuntimeError("an order-2 chain's scan from lo > 0 needs the model "
+                                   "call of the same window (or previous=)")
+            else:
+                previous = self._previous[1:]
+        hi = lo + E.shape[0]
+        return (self._C[lo:hi], self._D[lo:hi], *previous)
 
     def _ybar(self) -> Optional[torch.Tensor]:
         return self.coeffs.ybar if self.spec.uses_y else None
@@ -265,13 +330,16 @@ class ChainSystem:
                            self._ybar(), self._noise(lo, hi), slopes)
 
     def scan(self, E: torch.Tensor, U: torch.Tensor, lo: int, hi: int,
-             J: Optional[torch.Tensor] = None) -> torch.Tensor:
+             J: Optional[torch.Tensor] = None, previous: Optional[tuple] = None) -> torch.Tensor:
         """The states after steps lo..hi-1 from the carry U[0], with ē lagged at U and
-        (with J, any tensor broadcastable to the window) linearised around it."""
+        (with J, any tensor broadcastable to the window) linearised around it. An order-2
+        chain's step also reads the previous step's input and linearised ē as the scan
+        runs them (``affine_scan_reference``'s ``previous``)."""
         c = self.coeffs
         if self.spec is None:
             R = None if c.R is None else c.R[lo:hi]
-            return affine_scan(c.P[lo:hi], c.Q[lo:hi], E, R, U[0], J, None if J is None else U)
+            return affine_scan(c.P[lo:hi], c.Q[lo:hi], E, R, U[0], J, None if J is None else U,
+                               self._previous_pair(E, U, lo, previous))
         if J is None:
             return self._fused(E, U, U[-1], lo, hi, None, self._ones[lo:hi])[0]
         # A J that is not a per-class slope table (ParaDiGMS' (1-P)/Q): the window's
@@ -308,7 +376,9 @@ class ChainSystem:
         n = new_hi - hi
         E = e.expand(n, *e.shape[1:]).contiguous()
         U = X[hi - 1:hi].expand(n, *X.shape[1:]).contiguous()
-        return self.scan(E, U, hi, new_hi)
+        # an order-2 chain: e is ē at the input of step hi - 1
+        previous = (self.carry(X, hi - 1), e[0]) if self.order == 2 else None
+        return self.scan(E, U, hi, new_hi, previous=previous)
 
     def round_and_residuals(self, E: torch.Tensor, U: torch.Tensor, x_last: torch.Tensor,
                             lo: int, hi: int, lin, scale: torch.Tensor):
@@ -383,11 +453,21 @@ class ChainSystem:
             states = torch.empty((self.num_steps, *c.u0.shape), dtype=c.u0.dtype,
                                  device=c.u0.device)
         u = self.carry(states, start)
+        previous = None
+        if self.order == 2:       # the input of step start - 1 and its ē (one more call)
+            if start > 0:
+                u_prev = self.carry(states, start - 1)
+                previous = (u_prev, self.eps_bar(u_prev.unsqueeze(0), start - 1)[0])
+            else:                 # C_0 = D_0 = 0
+                previous = (torch.zeros_like(u), torch.zeros_like(u))
         for i in range(start, stop):
             e = self.eps_bar(u.unsqueeze(0), i)[0]
             # the fused round's arithmetic, one step (parallel == serial), and the serial
             # shadow's own code path (docs/design.md §3d)
-            u = self.shadow_step(u, e, self._step_ids[i:i + 1])
+            u_next = self.shadow_step(u, e, self._step_ids[i:i + 1], previous)
+            if self.order == 2:
+                previous = (u, e)
+            u = u_next
             states[i] = u
             if callback is not None:
                 callback({"step": i, "t": int(self.chain.timesteps[i]), "num_steps": self.num_steps})

@@ -37,37 +37,55 @@ def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[t
 
 def affine_scan(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, R: Optional[torch.Tensor],
                 u0: torch.Tensor, J: Optional[torch.Tensor] = None,
-                U: Optional[torch.Tensor] = None) -> torch.Tensor:
+                U: Optional[torch.Tensor] = None, previous: Optional[tuple] = None) -> torch.Tensor:
     """All states of the (linearised) recurrence from u_0 = ``u0``, on the fastest
     available backend (see ``scan_backend``); arguments as ``affine_scan_reference``.
     The kernels have no backward: when autograd needs the result's graph (phantom
-    gradients, an adjoint through the scan), the reference computes it."""
+    gradients, an adjoint through the scan), the reference computes it. An order-2 scan
+    (``previous``) runs the reference: the Triton scan has no order-2 form yet."""
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (P, Q, E, R, u0, J, U))
-    if not needs_graph and scan_backend(E) == "triton":
+    if previous is None and not needs_graph and scan_backend(E) == "triton":
         from .triton_scan import affine_scan_triton
         return affine_scan_triton(P, Q, E, R, u0, J, U)
-    return affine_scan_reference(P, Q, E, R, u0, J, U)
+    return affine_scan_reference(P, Q, E, R, u0, J, U, previous)
 
 
 def affine_scan_reference(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
                           R: Optional[torch.Tensor], u0: torch.Tensor,
                           J: Optional[torch.Tensor] = None,
-                          U: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """All states of u_{i+1} = P_i u_i + Q_i (E_i + J_i (u_i - U_i)) + R_i from u_0 = ``u0``.
+                          U: Optional[torch.Tensor] = None,
+                          previous: Optional[tuple] = None) -> torch.Tensor:
+    """All states of u_{i+1} = P_i u_i + Q_i e_i + R_i from u_0 = ``u0``, with the
+    linearised model term e_i = E_i + J_i (u_i - U_i).
 
     P, Q: [S, 1 or B, ...]; E: [S, B, ...]; R: [S, 1 or B, ...] or None; u0: [B, ...];
     J: [S, 1 or B, ...] (any broadcastable shape) or None; U: [S, B, ...], the inputs E
     was evaluated at (needed with J; U[0] is u0's value). Returns [S, B, ...]: state i
     is the output of step i.
+
+    ``previous`` = (C, D, u_prev, e_prev): an order-2 chain (docs/design.md §2b), whose
+    step also adds C_i u_{i-1} + D_i e_{i-1}, the previous step's input and linearised
+    model term as the scan runs them (the 2x2 block recurrence on (u_i, u_{i-1}), run
+    one step at a time); C, D: [S, 1, ...]; (u_prev, e_prev): the input of the step
+    before step 0 and its model term, fixed. The serial sampler's step adds the same
+    C u_{i-1} + D e_{i-1} to R, so at the fixed point (e_i = E_i) both do the same
+    arithmetic.
     """
     if (J is None) != (U is None):
         raise ValueError("J and U are given together or not at all")
     out = torch.empty_like(E)
     u = u0
+    if previous is not None:
+        C, D, u_prev, e_prev = previous
     for i in range(E.shape[0]):
         e = E[i] if J is None else E[i] + J[i] * (u - U[i])
-        u = affine_step(P[i], Q[i], e, None if R is None else R[i], u)
+        Ri = None if R is None else R[i]
+        if previous is not None:
+            T = C[i] * u_prev + D[i] * e_prev
+            Ri = T if Ri is None else Ri + T
+            u_prev, e_prev = u, e
+        u = affine_step(P[i], Q[i], e, Ri, u)
         out[i] = u
     return out
 

@@ -69,8 +69,9 @@ class _LocalEngine:
 
     # -- what the planner (window="auto") asks of an engine ------------------------------------
     def call_rows(self, loop, lo: int, W: int) -> int:
-        """The rows of a round's model call at window W from ``lo``: W and the shadow's."""
-        return W + (loop.shadow is not None)
+        """The rows of a round's model call at window W from ``lo``: W, the shadow's and
+        an order-2 chain's previous step."""
+        return W + (loop.shadow is not None) + (getattr(loop.system, "order", 1) == 2 and lo > 0)
 
     def agreed_seconds(self) -> Optional[float]:
         """A round's time agreed across processes (None: the planner's clock decides)."""
@@ -83,8 +84,11 @@ class _LocalEngine:
         return ()
 
     def take_serial_carry(self, loop, p: int) -> None:
-        """The serial shadow's current state (the serial one after step p) into X[p]."""
+        """The serial shadow's current state (the serial one after step p) into X[p]; for
+        an order-2 chain its previous one into X[p - 1] as well."""
         loop.X[p] = loop.shadow.u
+        if loop.shadow.order == 2 and p > 0:
+            loop.X[p - 1] = loop.shadow.u_prev
 
     def gather_states(self, loop) -> None:
         """Every state where the serial sampler (or a one-step window) can read it."""
@@ -146,7 +150,9 @@ class EagerEngine(_LocalEngine):
     def take_serial(self, loop, p: int, q: Optional[int] = None) -> None:
         loop.X[p] = loop.shadow.u
 
-    put_serial = take_serial
+    def put_serial(self, loop, p: int, q: Optional[int] = None) -> None:
+        """A restart's carry: the shadow's state at p (an order-2 chain's at p - 1 too)."""
+        self.take_serial_carry(loop, p)
 
     def release(self) -> None:
         self.FX = self.G = None

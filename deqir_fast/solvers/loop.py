@@ -129,7 +129,8 @@ class FixedPointLoop:
                 return False
         if self.shadow is not None:
             self.stats.nfe += 1                        # the shadow's step evaluation
-            if p < lo - 1:        # frozen and no longer read (lo - 1 is the carry):
+            # frozen and no longer read (lo - 1 is the carry; lo - 2 an order-2 chain's too):
+            if p < lo - getattr(self.system, "order", 1):
                 self.engine.take_serial(self, p)       # the returned state is the serial one
         self.guard(r)
         row = self.prev_row = record_round(self.stats, r, lo, hi, self.S)

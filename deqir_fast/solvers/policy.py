@@ -138,13 +138,17 @@ class SerialShadow:
     steps it, so after the round it holds the serial sampler's state after step k. A
     round freezes at least one step, so step k is frozen by round k + 1 whenever the
     window has moved past it: ``deviation`` then compares the frozen state with the
-    serial one. Only the current state is kept (one item state, [B, ...])."""
+    serial one. Only the current state is kept (one item state, [B, ...]); for an
+    order-2 chain also the previous one and its model output (``u_prev``, ``e_prev``)."""
 
     def __init__(self, system, X: torch.Tensor, scale_dev: torch.Tensor):
         self.system = system
         self.u = system.carry(X, 0).clone()          # the serial state entering step p
         self.p = torch.zeros(1, dtype=torch.int64, device=X.device)
         self.scale = scale_dev
+        self.order = getattr(system, "order", 1)
+        if self.order == 2:      # zeros at p = 0, where the order-2 coefficients are 0
+            self.u_prev, self.e_prev = torch.zeros_like(self.u), torch.zeros_like(self.u)
 
     def inputs_and_model_term(self, X: torch.Tensor, lo: int, hi: int):
         """(U, ē(U), ē of the shadow's state) for the window [lo, hi): one model call."""
@@ -153,7 +157,13 @@ class SerialShadow:
     def step(self, e: torch.Tensor) -> None:
         """Take the shadow's step p with its model output e and move p on."""
         # in place, so that a captured round (cuda_graph) reads and writes the same buffers
-        self.u.copy_(self.system.shadow_step(self.u, e, self.p))
+        if self.order == 2:
+            u = self.system.shadow_step(self.u, e, self.p, (self.u_prev, self.e_prev))
+            self.u_prev.copy_(self.u)
+            self.e_prev.copy_(e)
+            self.u.copy_(u)
+        else:
+            self.u.copy_(self.system.shadow_step(self.u, e, self.p))
         self.p += 1
 
     def deviation(self, X: torch.Tensor, p: int, serial: torch.Tensor) -> torch.Tensor:
