@@ -13,6 +13,9 @@ _ATTRIBUTES = {
     "SolveOptions": ".solvers", "Planner": ".solvers",
     "InitOptimization": ".optimize", "optimize_init": ".optimize",
     "Chain": ".chains", "DDIM": ".chains", "DDNM": ".chains", "DDRM": ".chains",
+    "Euler": ".chains", "EulerAncestral": ".chains", "DPMSolverPP": ".chains",
+    "sample_euler": ".k_diffusion", "sample_euler_ancestral": ".k_diffusion",
+    "sample_dpmpp_2m": ".k_diffusion",
     "Schedule": ".schedules", "timesteps": ".schedules",
     "DDPM": ".diffusers_compat", "chain_from_diffusers": ".diffusers_compat",
     "schedule_from_diffusers": ".diffusers_compat", "sample_deq": ".k_diffusion",
@@ -37,10 +40,12 @@ def __dir__():
     return sorted(set(globals()) | set(_ATTRIBUTES) | set(__all__))
 
 
-__all__ = ["Chain", "DDIM", "DDNM", "DDRM", "InitOptimization", "Planner", "Schedule",
+__all__ = ["Chain", "DDIM", "DDNM", "DDRM", "DPMSolverPP", "Euler", "EulerAncestral",
+           "InitOptimization", "Planner", "Schedule",
            "SolveOptions",
            "SolveResult",
            "models", "operators", "optimize_init", "tasks",
            "backward", "sample_serial", "solve", "testing", "timesteps",
            "DDPM", "chain_from_diffusers", "diffusers_compat", "sample_deq",
+           "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
            "schedule_from_diffusers"]

@@ -90,7 +90,7 @@ class Chain:
     operator: Optional[Operator] = None
     num_jacobian_classes = 1         # see ``jacobian_classes``
     # 2 for a multistep chain whose step also reads the previous step's state and model
-    # output (``previous_coefficients``, docs/design.md §2b)
+    # output (``previous_coefficients``, docs/design.md §2.8)
     order = 1
     # x_T's factor into the first state (a diffusers σ-space scheduler's init_noise_sigma /
     # sqrt(1 + σ_0²)), and the final state's into the serial loop's result (1/sqrt(ᾱ') for
@@ -201,7 +201,7 @@ class Chain:
     def previous_coefficients(self) -> Optional[tuple]:
         """(C, D), each [S] float64, for a chain of order 2 whose step i also reads the
         previous step's input and model output: u_{i+1} = P u_i + Q ē_i + R_i + C_i u_{i-1}
-        + D_i ē_{i-1}, with C_0 = D_0 = 0 (docs/design.md §2b). None for order 1."""
+        + D_i ē_{i-1}, with C_0 = D_0 = 0 (docs/design.md §2.8). None for order 1."""
         return None
 
     def jacobian_classes(self, lo: int, hi: int, like: torch.Tensor) -> Optional[torch.Tensor]:

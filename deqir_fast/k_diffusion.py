@@ -13,7 +13,7 @@ x0 = D(x, σ) and eps = (x - D)/σ, the DDIM step u' = sqrt(ᾱ') x0 + sqrt(1-�
 x' = D + σ' eps = x + (σ' - σ)(x - D)/σ, Euler's step. So the sigmas become a
 ``Schedule`` of ᾱ values (``schedules.schedule_from_sigmas``), the denoiser an eps
 model, and ``solve`` does the rest; Euler-ancestral and DPM-Solver++(2M) are the chains
-``EulerAncestral`` and ``DPMSolverPP`` on the same state (docs/design.md §2b).
+``EulerAncestral`` and ``DPMSolverPP`` on the same state (docs/design.md §2.8).
 """
 from __future__ import annotations
 

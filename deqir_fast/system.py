@@ -96,7 +96,7 @@ class ChainSystem:
         # step indices on the device: the serial shadow's step is a device index, so a
         # captured round can advance it (docs/design.md §3d)
         self._step_ids = torch.arange(chain.num_steps, device=coeffs.u0.device)
-        # An order-2 chain (DPM-Solver++(2M), docs/design.md §2b): step i also reads the
+        # An order-2 chain (DPM-Solver++(2M), docs/design.md §2.8): step i also reads the
         # input and model output of step i-1 through C_i u_{i-1} + D_i ē_{i-1}; the scan
         # carries both (linearised like ē). A window from lo > 0 evaluates the state
         # entering step lo-1 as one more row of its model call (``inputs`` puts it in the

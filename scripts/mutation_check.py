@@ -341,6 +341,84 @@ ISSUE_23 = [
            first=IMPORTS_T),
 ]
 
+# Issue #25 (2026-12-08): Euler, Euler-ancestral and DPM-Solver++(2M) as chains; the
+# order-2 chain's previous pair through the scan, the shadow, the serial sampler and the
+# solver loop; the diffusers and k-diffusion adapters.
+SAMPLERS_T = ("tests/test_samplers.py",)
+ISSUE_25 = [
+    # -- the order-2 chain through the solver (system, scan, shadow, loop) ------------------------
+    Mutant("o2-prev-row-wrong-step", "a window's extra row (the state entering step lo - 1) is "
+           "evaluated at step lo", "deqir_fast/system.py",
+           "steps=torch.cat([steps, self._step_ids[lo - 1:lo]]))",
+           "steps=torch.cat([steps, self._step_ids[lo:lo + 1]]))", first=SAMPLERS_T),
+    Mutant("o2-scan-prev-stuck", "the scan never advances its previous pair (u_{i-1}, e_{i-1})",
+           "deqir_fast/ops/scan.py", "            u_prev, e_prev = u, e\n", "", first=SAMPLERS_T),
+    Mutant("o2-scan-prev-unlinearised", "the scan's previous model term is the lagged E, not "
+           "the linearised e", "deqir_fast/ops/scan.py", "            u_prev, e_prev = u, e\n",
+           "            u_prev, e_prev = u, E[i]\n", first=SAMPLERS_T),
+    Mutant("o2-shadow-prev-after-step", "the shadow keeps its new state as the previous one",
+           "deqir_fast/solvers/policy.py",
+           "            self.u_prev.copy_(self.u)\n            self.e_prev.copy_(e)\n            self.u.copy_(u)\n",
+           "            self.u.copy_(u)\n            self.u_prev.copy_(self.u)\n            self.e_prev.copy_(e)\n",
+           first=SAMPLERS_T),
+    Mutant("o2-restart-no-prev", "a restart / serial switch writes only X[p], not the shadow's "
+           "previous state into X[p - 1]", "deqir_fast/solvers/engines.py",
+           "            loop.X[p - 1] = loop.shadow.u_prev\n", "            pass\n", first=SAMPLERS_T),
+    Mutant("o2-shadow-overwrites-prev", "the shadow overwrites the state lo - 2 an order-2 "
+           "window still reads", "deqir_fast/solvers/loop.py",
+           'if p < lo - getattr(self.system, "order", 1):', "if p < lo - 1:", first=SAMPLERS_T),
+    Mutant("o2-serial-prev-after-step", "the serial sampler passes its new state as the previous one",
+           "deqir_fast/system.py", "                previous = (u, e)\n",
+           "                previous = (u_next, e)\n", first=SAMPLERS_T),
+    # -- DPM-Solver++(2M)'s coefficients (chains.py) ----------------------------------------------
+    Mutant("dpm-midpoint-kappa-x2", "midpoint's κ without the 1/2", "deqir_fast/chains.py",
+           "            kappa = K / (2 * r)", "            kappa = K / r", first=SAMPLERS_T),
+    Mutant("dpm-heun-kappa-half", "heun's κ halved like midpoint's", "deqir_fast/chains.py",
+           "            kappa = an.sqrt() * (torch.expm1(-h) / h + 1) / r",
+           "            kappa = an.sqrt() * (torch.expm1(-h) / h + 1) / (2 * r)", first=SAMPLERS_T),
+    Mutant("dpm-prev-eps-sign", "the previous step's eps enters m_{i-1} with the wrong sign",
+           "deqir_fast/chains.py", "        D = kappa * (1 - a_prev).sqrt() / a_prev.sqrt()",
+           "        D = -kappa * (1 - a_prev).sqrt() / a_prev.sqrt()", first=SAMPLERS_T),
+    Mutant("dpm-step0-second-order", "step 0 not forced first-order (κ_0 from a made-up h_{-1})",
+           "deqir_fast/chains.py", "        first_order[0] = True\n", "", first=SAMPLERS_T),
+    Mutant("dpm-to-zero-second-order", "a step to σ = 0 not forced first-order",
+           "deqir_fast/chains.py", "        first_order |= self.alpha_next >= 1.0",
+           "        first_order |= self.alpha_next > 1.0", first=SAMPLERS_T),
+    # -- Euler-ancestral (chains.py) ---------------------------------------------------------------
+    Mutant("ancestral-up-uncapped", "σ_up without get_ancestral_step's min(σ', .) cap (eta > 1)",
+           "deqir_fast/chains.py", "        up = torch.minimum(sigma_next, self.eta * ",
+           "        up = (0 * sigma_next + self.eta * ", first=SAMPLERS_T),
+    Mutant("ancestral-no-s-noise", "s_noise dropped from the ancestral noise",
+           "deqir_fast/chains.py", "(r * up * self.s_noise if self.needs_noise else None)",
+           "(r * up if self.needs_noise else None)", first=SAMPLERS_T),
+    # -- the diffusers adapter (diffusers_compat.py, models.py) -----------------------------------
+    Mutant("euler-initial-scale-ignored", "diffusers Euler: init_noise_sigma / sqrt(1 + σ_0²) ignored",
+           "deqir_fast/diffusers_compat.py",
+           "        chain.initial_scale = init_sigma / (1.0 + float(sigmas[0]) ** 2) ** 0.5",
+           "        chain.initial_scale = 1.0", first=SAMPLERS_T),
+    Mutant("euler-output-scale-ignored", "diffusers Euler: a final σ > 0 not scaled back to x",
+           "deqir_fast/diffusers_compat.py", "        chain.output_scale = 1.0 / final_alpha ** 0.5",
+           "        chain.output_scale = 1.0", first=SAMPLERS_T),
+    Mutant("dpm-lower-order-final-inverted", "lower_order_final applied from 15 steps up, not below",
+           "deqir_fast/diffusers_compat.py", 'cfg.get("lower_order_final", True) and S_loop < 15)',
+           'cfg.get("lower_order_final", True) and S_loop >= 15)', first=SAMPLERS_T),
+    Mutant("dpm-final-flag-dropped", "the loop's last step never first order from the config",
+           "deqir_fast/diffusers_compat.py", "            first[-1] = bool(last_low)",
+           "            first[-1] = False", first=SAMPLERS_T),
+    Mutant("eps-model-steps-unmapped", "the network called with step indices, not the "
+           "scheduler's model_timesteps", "deqir_fast/models.py",
+           "        t_net = t if self.model_timesteps is None else \\",
+           "        t_net = t if True else \\", first=SAMPLERS_T),
+    # -- the k-diffusion adapter (k_diffusion.py) -------------------------------------------------
+    Mutant("kd-noise-at-last-step", "noise_sampler also called for the step to σ = 0",
+           "deqir_fast/k_diffusion.py",
+           "        return [None if not float(s[i + 1]) > 0 else sampler(s[i], s[i + 1])",
+           "        return [sampler(s[i], s[i + 1])", first=SAMPLERS_T),
+    Mutant("kd-noise-args-swapped", "noise_sampler called as (sigma_next, sigma)",
+           "deqir_fast/k_diffusion.py", "else sampler(s[i], s[i + 1])",
+           "else sampler(s[i + 1], s[i])", first=SAMPLERS_T),
+]
+
 MUTANTS = [
     # -- solvers.py: the update rules, the freeze and stop rules ----------------------------
     Mutant("tri-as-plain", "triangular Anderson run as per-step Anderson (prefix flag ignored)",
@@ -516,6 +594,7 @@ MUTANTS = [
     *ISSUE_22,
     *ISSUE_23,
     *ISSUE_24,
+    *ISSUE_25,
 ]
 
 

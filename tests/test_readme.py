@@ -49,6 +49,10 @@ def check_block(ns):
         assert (ns["res"].x0 - ns["image"]).abs().max() < 1e-4
     if "euler" in ns:                                         # k-diffusion's Euler loop
         assert ns["res"].converged and (ns["sample"] - ns["euler"]).abs().max() <= GREY
+    if "loop" in ns:                                          # k-diffusion's other loops
+        assert ns["res"].converged and (ns["sample"] - ns["loop"]).abs().max() <= GREY
+    if ("chain" in ns or "dpm" in ns) and "image" in ns and "sample" in ns:   # σ-space loops
+        assert ns["res"].converged and (ns["sample"] - ns["image"]).abs().max() <= GREY
     if "res" in ns and hasattr(ns["res"], "x0"):
         assert ns["res"].x0.shape == (1, 3, 32, 32)
 

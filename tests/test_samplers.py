@@ -413,6 +413,22 @@ def test_order_two_linearisations_and_inits(linearize, init):
     assert res.converged and float((res.x0 - ref).abs().max()) < GREY
 
 
+def perturb_before_restart(monkeypatch, engine: str):
+    """Before a restart puts the shadow's states in, move the state before the bad one by
+    1e-7 (a frozen state that passed the shadow's check at tol but is not exact): the
+    restart must replace it with the shadow's previous state, which an order-2 window
+    reads beside the carry."""
+    import deqir_fast.solvers.engines as engines
+    cls = getattr(engines, engine)
+    put = cls.put_serial
+
+    def put_serial(self, loop, p, q=None):
+        if p > 0:
+            loop.X[p - 1] += 1e-7
+        return put(self, loop, p, q)
+    monkeypatch.setattr(cls, "put_serial", put_serial)
+
+
 def test_order_two_shadow_restart_and_serial_switch_are_exact(monkeypatch):
     """A freeze rule that freezes states off serial (two steps a round, whatever the
     residuals: a planted fault): the shadow finds them and the restart carries its two
@@ -427,7 +443,8 @@ def test_order_two_shadow_restart_and_serial_switch_are_exact(monkeypatch):
         calls.append(1)
         return max(real(r, tol, ratio, last), min(2, r.numel()) if len(calls) <= 3 else 0)
     monkeypatch.setattr(L, "steps_to_freeze", early)
-    res = dq.solve(model, chain, x_T, tol=1e-12, window=5, linearize="none")
+    perturb_before_restart(monkeypatch, "EagerEngine")
+    res = dq.solve(model, chain, x_T, tol=1e-6, window=5, linearize="none")
     monkeypatch.setattr(L, "steps_to_freeze", real)
     assert res.stats.serial_mismatch is not None          # the restart path ran
     assert res.converged and rel(res.x0, ref) <= 1e-10
@@ -448,10 +465,40 @@ def test_order_two_shadow_restart_and_serial_switch_are_exact(monkeypatch):
     assert rel(res.x0, ref) <= 1e-10
 
 
+@pytest.mark.parametrize("check_every", [3, 5])
+def test_order_two_with_batched_read_backs(check_every, monkeypatch):
+    """check_every > 1: rounds between host reads, the shadow's states kept per round;
+    exact at tol = 0, within a grey level at the default, and a restart (planted early
+    freezes, as above) that puts in the shadow's states with the one before them."""
+    model, chain, x_T = dpm_problem(dtype=torch.float64)
+    ref = dq.sample_serial(model, chain, x_T)
+    opts = dq.SolveOptions(check_every=check_every)
+    exact = dq.solve(model, chain, x_T, tol=0, window=6, options=opts)
+    assert exact.converged and rel(exact.x0, ref) <= 1e-12
+    res = dq.solve(model, chain, x_T, window=6, options=opts)
+    assert res.converged and rel(res.x0, ref) < GREY
+    if check_every != 3:
+        return          # (with 5 the batch's rounds make the planted freezes exact again)
+    import deqir_fast.solvers.engines as engines
+    real, calls = engines.freeze_count, []
+
+    def early(r, frozen, *levels):                        # the first batch only
+        calls.append(1)
+        n = real(r, frozen, *levels)
+        return torch.maximum(n, torch.clamp(frozen + 2, max=r.numel())) if len(calls) <= check_every else n
+    monkeypatch.setattr("deqir_fast.solvers.engines.freeze_count", early)
+    perturb_before_restart(monkeypatch, "ReadbackEngine")
+    # tol 1e-6: the state before the bad one passed the shadow's check, but only to 1e-6;
+    # the restart must take the shadow's exact one for the result to be exact
+    res = dq.solve(model, chain, x_T, tol=1e-6, window=6, linearize="none", options=opts)
+    assert res.stats.serial_mismatch is not None and res.converged
+    assert rel(res.x0, ref) <= 1e-10
+
+
 def test_order_two_refusals():
     model, chain, x_T = dpm_problem()
-    with pytest.raises(ValueError, match="check_every=1"):
-        dq.solve(model, chain, x_T, options=dq.SolveOptions(check_every=2))
+    with pytest.raises(ValueError, match="cuda_graph=False"):
+        dq.solve(model, chain, x_T, options=dq.SolveOptions(check_every=2, cuda_graph=True))
     with pytest.raises(ValueError, match="grad='unrolled'"):
         dq.solve(model, chain, x_T.clone().requires_grad_(True)).x0.sum().backward()
     res = dq.solve(model, chain, x_T)

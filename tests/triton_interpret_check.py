@@ -51,6 +51,31 @@ for k, ((S, B, shape), coef, r_kind, j_kind) in enumerate(cases):
         if not err <= 2 * ref_err + atol * max(1.0, ref64.abs().max().item()):
             failures.append(f"{case}: error {err:.2e} > 2 x {ref_err:.2e} + {atol}")
 
+# order 2 (DPM-Solver++(2M), docs/design.md §2.8): the previous step's input and
+# linearised model term carried beside the state, with and without R and J
+for k, (r_kind, j_kind) in enumerate([(None, None), ("item", "element"), ("shared", "step-item")]):
+    S, B, shape = SIZES[(k + 1) % 3]
+    P64, Q64, E64, u064 = rand(S, 1, *shape).abs(), rand(S, 1, *shape), rand(S, B, *shape), rand(B, *shape)
+    C64, D64 = rand(S, 1, 1, 1, 1), rand(S, 1, *shape)
+    up64, ep64 = rand(B, *shape), rand(B, *shape)
+    R64 = None if r_kind is None else rand(S, 1 if r_kind == "shared" else B, *shape)
+    J64 = None if j_kind is None else rand(*((S, B, 1, 1, 1) if j_kind == "step-item" else (S, 1, *shape)))
+    U64 = None if j_kind is None else rand(S, B, *shape)
+    ref64 = affine_scan_reference(P64, Q64, E64, R64, u064, J64, U64, (C64, D64, up64, ep64))
+    first = affine_scan_reference(P64, Q64, E64, R64, u064, J64, U64)
+    if (ref64 - first).abs().max() < 1e-3:
+        failures.append(f"order 2 case {k}: the previous term changed nothing (the case tests nothing)")
+    for dtype in (torch.float32, torch.float64):
+        cast = [None if t is None else t.to(dtype) for t in (P64, Q64, E64, R64, u064, J64, U64)]
+        prev = tuple(t.to(dtype) for t in (C64, D64, up64, ep64))
+        ref = affine_scan_reference(*cast, prev)
+        out = affine_scan_triton(*cast, prev, block=64)
+        err = (out.double() - ref64).abs().max().item()
+        ref_err = (ref.double() - ref64).abs().max().item()
+        atol = 1e-12 if dtype == torch.float64 else 1e-6
+        if not err <= 2 * ref_err + atol * max(1.0, ref64.abs().max().item()):
+            failures.append(f"order 2 case {k} {dtype}: error {err:.2e} > 2 x {ref_err:.2e} + {atol}")
+
 # bad input is refused with a clear error
 for bad, exc in [(lambda: affine_scan_triton(rand(3, 1, 2), rand(3, 1, 2), rand(3, 2, 2), None, rand(3, 2)), ValueError),
                  (lambda: affine_scan_triton(rand(3, 1, 2).float(), rand(3, 1, 2), rand(3, 2, 2), None, rand(2, 2)), TypeError),
@@ -80,6 +105,17 @@ serial = dq.sample_serial(model, chain, x_T, generator=torch.Generator().manual_
 res = dq.solve(model, chain, x_T, generator=torch.Generator().manual_seed(1), tol=1e-12)
 if not (res.x0 - serial).abs().max().item() <= 1e-10:
     failures.append("solve on the triton backend differs from the serial sampler")
+# an order-2 chain (DPM-Solver++(2M)) in windows of 4: its scan runs the ORDER2 kernel
+from deqir_fast.chains import DPMSolverPP  # noqa: E402
+from deqir_fast.schedules import schedule_from_sigmas  # noqa: E402
+
+sched2, ts2, final2 = schedule_from_sigmas(torch.cat([torch.linspace(14.0, 0.05, 12), torch.zeros(1)]))
+dpm = DPMSolverPP(sched2, ts2, final_alpha=final2)
+model2 = dq.testing.GaussianMixtureDenoiser(sched2, shape)
+serial = dq.sample_serial(model2, dpm, x_T)
+res = dq.solve(model2, dpm, x_T, tol=1e-12, window=4)
+if not (res.converged and (res.x0 - serial).abs().max().item() <= 1e-10):
+    failures.append("an order-2 solve on the triton backend differs from the serial sampler")
 
 # the kernel has no backward: autograd (a phantom gradient) goes through the reference
 x = x_T.clone().requires_grad_(True)

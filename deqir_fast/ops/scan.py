@@ -41,13 +41,12 @@ def affine_scan(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, R: Optional[t
     """All states of the (linearised) recurrence from u_0 = ``u0``, on the fastest
     available backend (see ``scan_backend``); arguments as ``affine_scan_reference``.
     The kernels have no backward: when autograd needs the result's graph (phantom
-    gradients, an adjoint through the scan), the reference computes it. An order-2 scan
-    (``previous``) runs the reference: the Triton scan has no order-2 form yet."""
+    gradients, an adjoint through the scan), the reference computes it."""
     needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (P, Q, E, R, u0, J, U))
-    if previous is None and not needs_graph and scan_backend(E) == "triton":
+        t is not None and t.requires_grad for t in (P, Q, E, R, u0, J, U, *(previous or ())))
+    if not needs_graph and scan_backend(E) == "triton":
         from .triton_scan import affine_scan_triton
-        return affine_scan_triton(P, Q, E, R, u0, J, U)
+        return affine_scan_triton(P, Q, E, R, u0, J, U, previous)
     return affine_scan_reference(P, Q, E, R, u0, J, U, previous)
 
 
@@ -64,7 +63,7 @@ def affine_scan_reference(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
     was evaluated at (needed with J; U[0] is u0's value). Returns [S, B, ...]: state i
     is the output of step i.
 
-    ``previous`` = (C, D, u_prev, e_prev): an order-2 chain (docs/design.md §2b), whose
+    ``previous`` = (C, D, u_prev, e_prev): an order-2 chain (docs/design.md §2.8), whose
     step also adds C_i u_{i-1} + D_i e_{i-1}, the previous step's input and linearised
     model term as the scan runs them (the 2x2 block recurrence on (u_i, u_{i-1}), run
     one step at a time); C, D: [S, 1, ...]; (u_prev, e_prev): the input of the step

@@ -205,6 +205,9 @@ class ReadbackEngine(_LocalEngine):
         self.levels = freeze_levels(loop.tol, loop.freeze_ratio, last=hi == loop.S)
         self.e_last = X.new_empty((1, *X.shape[1:])) if self.keep_last else None
         self.shadow_hist = X.new_empty((n_rounds, *X.shape[1:])) if loop.shadow is not None else None
+        # an order-2 restart also takes the state before the first one it puts in
+        self.shadow_before = loop.shadow.u.clone() if (
+            loop.shadow is not None and loop.shadow.order == 2) else None
         done = 0
         if self.use_graph and isinstance(loop.update, Picard) and n_rounds > 1:
             done = _graph_rounds(lambda: self.one_round(loop), n_rounds, loop.stats)
@@ -270,8 +273,11 @@ class ReadbackEngine(_LocalEngine):
 
     def put_serial(self, loop, p: int, q: int) -> None:
         """The bad step's and every later state the shadow took in the batch (each is the
-        serial one): the restart starts after the last."""
+        serial one): the restart starts after the last; for an order-2 chain the state
+        before the bad step's too (the shadow's, from this batch or from before it)."""
         loop.X[p:p + self.shadow_hist.shape[0] - q] = self.shadow_hist[q:]
+        if self.shadow_before is not None and p > 0:
+            loop.X[p - 1] = self.shadow_hist[q - 1] if q > 0 else self.shadow_before
 
     def release(self) -> None:
         pass

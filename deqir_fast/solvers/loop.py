@@ -345,9 +345,10 @@ class FixedPointLoop:
             if frozen[q]:
                 note_deviation(self.stats, p0 + q, float(rec.deviations[q]))
         over = [q for q in range(n_rounds) if frozen[q] and not float(rec.deviations[q]) <= self.tol]
-        # the frozen states the shadow passed, no longer read (the carry is lo + f - 1),
-        # take the serial values (as in ``round``)
-        last_read = self.lo + int(rec.frozen[-1]) - 1 if not over else self.S
+        # the frozen states the shadow passed, no longer read (the carry is lo + f - 1; an
+        # order-2 chain's window reads lo + f - 2 too), take the serial values (as in ``round``)
+        last_read = (self.lo + int(rec.frozen[-1]) - getattr(self.system, "order", 1)
+                     if not over else self.S)
         for q in range(over[0] if over else n_rounds):
             if frozen[q] and p0 + q < last_read:
                 self.engine.take_serial(self, p0 + q, q)
