@@ -290,10 +290,8 @@ def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_gro
 
 def _check_order(chain, process_group, options) -> None:
     """What an order-2 chain (DPM-Solver++(2M)) does not run yet: a ValueError before any
-    work. Its step reads the state two steps back, which the sharded solve's carries, the
-    captured rounds and the adjoint (grad="ift", ``backward``) do not carry yet
-    (docs/design.md §2.8); the adjoint is refused where it is asked for
-    (``_refuse_adjoint``)."""
+    work. Its step reads the state two steps back, which the sharded solve's carries and
+    the captured rounds do not carry yet (docs/design.md §2.8)."""
     if getattr(chain, "order", 1) != 2:
         return
     name = type(chain).__name__
@@ -302,13 +300,6 @@ def _check_order(chain, process_group, options) -> None:
     if options.cuda_graph:
         raise ValueError(f"{name} (an order-2 chain) does not run in CUDA graphs yet: "
                          f"cuda_graph=False")
-
-
-def _refuse_adjoint(chain) -> None:
-    if getattr(chain, "order", 1) == 2:
-        raise ValueError(f"implicit gradients (grad='ift', deqir_fast.backward) of "
-                         f"{type(chain).__name__}, an order-2 chain, are not supported yet: "
-                         f"use grad='unrolled' (autograd through the serial sampler)")
 
 
 def _starts_serial(planner, system, solver, linearize, tol, options) -> bool:
@@ -343,7 +334,6 @@ def _differentiable_x0(handle: _Handle, model, chain, grad, options: SolveOption
     x_T = handle.x_T
     y = getattr(chain, "y", None)
     if grad == "ift":
-        _refuse_adjoint(chain)
         y_in = y if y is not None else x_T.new_zeros(0)
         return _ImplicitX0.apply(handle, x_T, y_in, *handle.params)
     value = handle.x0.detach()
@@ -378,7 +368,6 @@ def backward(result: SolveResult, grad_x0: torch.Tensor, params: bool = False,
     if not isinstance(result, SolveResult) or result.handle is None:
         raise TypeError("result must be the SolveResult of deqir_fast.solve")
     h = result.handle
-    _refuse_adjoint(h.system.chain)
     check_tensor("grad_x0", grad_x0, shape=tuple(h.x0.shape))
     overrides = {} if tol is None else {"tol": float(tol)}
     x_T = h.x_T.detach().requires_grad_(True)

@@ -18,6 +18,15 @@ transpose of a diagonal is itself, so adjoint step k uses P_k + D_k Q_k. Then
 
 and autograd through the (cheap, elementwise) construction of u_0 and R gives the
 gradients with respect to x_T and y.
+
+An order-2 chain (DPM-Solver++(2M), docs/design.md §2.8), whose step k also adds
+C_k u_{k-1} + D_k ē_{k-1}(u_{k-1}), feeds u_j into steps j and j + 1, so
+
+    λ_j = P_j λ_{j+1} + C_{j+1} λ_{j+2} + J_jᵀ (Q_j λ_{j+1} + D_{j+1} λ_{j+2}),
+
+λ_{S+1} = 0: the adjoint is order 2 too. Its scan carries λ_{j+2} (the C term, exact);
+the VJP's cotangent takes the D term at the round's inputs, like the rest of the model
+term; dL/dθ sums (∂ē_j/∂θ)ᵀ of the same cotangent.
 """
 from __future__ import annotations
 
@@ -62,6 +71,13 @@ class AdjointSystem:
         self.X = X.detach()
         self.forward_jacobian = forward_jacobian     # (lo, hi) -> D of forward steps, or None
         self.model_calls = 0                         # forward passes rebuilt for the VJPs
+        # order 2: adjoint step r (forward j = S-1-r) takes C_{j+1}, D_{j+1} (0 for j = S-1)
+        self.order = getattr(forward, "order", 1)
+        if self.order == 2:
+            zero = torch.zeros_like(forward._C[:1])
+            self.C = torch.cat([forward._C[1:], zero]).flip(0)
+            self.D = torch.cat([forward._D[1:], zero]).flip(0)
+        self._two_back = None                        # (lo, A_{lo-2}) of the last ``inputs``
         self.scale_value = float(grad_uS.abs().max().clamp_min(torch.finfo(grad_uS.dtype).tiny))
 
     @property
@@ -97,8 +113,16 @@ class AdjointSystem:
         return self.carry0 if lo == 0 else A[lo - 1]
 
     def inputs(self, A: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        if self.order == 2:       # λ_{j+2} of the window's first step, for its model term and scan
+            self._two_back = (lo, torch.zeros_like(self.carry0) if lo == 0 else self.carry(A, lo - 1))
         carry = self.carry(A, lo).unsqueeze(0)
         return torch.cat([carry, A[lo:hi - 1]]) if hi - lo > 1 else carry
+
+    def _before(self, lo: int) -> torch.Tensor:
+        if self._two_back is None or self._two_back[0] != lo:
+            raise RuntimeError("an order-2 adjoint round takes the inputs that "
+                               "AdjointSystem.inputs returned for the same window")
+        return self._two_back[1]
 
     def step_slopes(self, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
         """M_r = P'_r + J_r for adjoint steps a..b-1 (Q = 1 in A_r = P'_r A_{r-1} + E_r +
@@ -110,7 +134,10 @@ class AdjointSystem:
     def model_term(self, Ain: torch.Tensor, lo: int) -> torch.Tensor:
         """J_kᵀ(Q_k A) for adjoint steps lo..lo+W-1 (forward steps S-lo-W .. S-lo-1)."""
         hi = lo + Ain.shape[0]
-        cot = (self.Q[lo:hi] * Ain).flip(0)             # forward order
+        cot = self.Q[lo:hi] * Ain
+        if self.order == 2:       # + D_{j+1} λ_{j+2}: the previous row's input
+            cot = cot + self.D[lo:hi] * torch.cat([self._before(lo)[None], Ain[:-1]])
+        cot = cot.flip(0)                               # forward order
         vjp, _ = self._vjp(self.S - hi, self.S - lo, cot)
         return vjp.flip(0)
 
@@ -119,7 +146,13 @@ class AdjointSystem:
         """A_r = P'_r A_{r-1} + E_r + J_r (A_{r-1} - U_r) from the carry U[0]."""
         from .ops import affine_scan
         ones = torch.ones((hi - lo,) + (1,) * (U.dim() - 1), dtype=U.dtype, device=U.device)
-        return affine_scan(self.P[lo:hi], ones, E, None, U[0], J, None if J is None else U)
+        previous = None
+        if self.order == 2:       # + C_{j+1} λ_{j+2}, carried as the scan runs
+            before = self._before(lo)
+            previous = (self.C[lo:hi], torch.zeros_like(self.C[lo:hi]), before,
+                        torch.zeros_like(before))
+        return affine_scan(self.P[lo:hi], ones, E, None, U[0], J, None if J is None else U,
+                           previous)
 
     def linearization(self, kind: str):
         if kind == "none" or self.forward_jacobian is None:
@@ -143,6 +176,9 @@ class AdjointSystem:
         k1 = self.S if k1 is None else k1
         total: List[Optional[torch.Tensor]] = [None] * len(self.params)
         cot_all = self.forward.coeffs.Q * lam[1:]
+        if self.order == 2:       # + D_{j+1} λ_{j+2}, λ_{S+1} = 0
+            D_next = torch.cat([self.forward._D[1:], torch.zeros_like(self.forward._D[:1])])
+            cot_all = cot_all + D_next * torch.cat([lam[2:], torch.zeros_like(lam[:1])])
         for c0 in range(k0, k1, chunk):
             c1 = min(c0 + chunk, k1)
             _, gs = self._vjp(c0, c1, cot_all[c0:c1], self.params)
