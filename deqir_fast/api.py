@@ -104,6 +104,7 @@ def _prepare(model, chain: Chain, x_T, noise, generator, with_grad: bool = False
                         f"got {type(chain).__name__}")
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+    _check_model_timesteps(model, chain)
     check_tensor("x_T", x_T)
     chain.check_inputs(x_T)
     dtype = state_dtype(x_T.dtype)
@@ -112,6 +113,27 @@ def _prepare(model, chain: Chain, x_T, noise, generator, with_grad: bool = False
         source = x_T if with_grad else x_T.detach()
         coeffs = chain.coefficients(source.to(dtype), noise if chain.needs_noise else None)
     return ChainSystem(model, chain, coeffs, allow_tf32=bool(allow_tf32)), noise
+
+
+def _check_model_timesteps(model, chain) -> None:
+    """A chain from a diffusers σ-space scheduler numbers its steps 0..S-1 and keeps the
+    network's timesteps in ``chain.model_timesteps``: a model that does not map them would
+    run the network at the wrong times and return garbage, converged. Refused unless the
+    model carries the same map (``models.eps_model(network, scheduler, chain=chain)``
+    does; a callable of your own may set ``model_timesteps`` to the chain's)."""
+    wanted = getattr(chain, "model_timesteps", None)
+    if wanted is None:
+        return
+    got = getattr(model, "model_timesteps", None)
+    if not (isinstance(got, torch.Tensor) and got.shape == wanted.shape
+            and torch.equal(got.detach().cpu(), wanted)):
+        raise ValueError(
+            f"model must run the network at the scheduler's timesteps: this "
+            f"{type(chain).__name__} (from {getattr(chain, 'scheduler_class', 'a diffusers scheduler')}) "
+            f"calls model(x, t) with step indices t = 0..{chain.num_steps - 1}; build the "
+            f"model with dq.models.eps_model(network, scheduler, chain=chain), or give your "
+            f"callable a model_timesteps attribute equal to chain.model_timesteps and map t "
+            f"through it")
 
 
 def sample_serial(model: Model, chain: Chain, x_T: torch.Tensor,
@@ -214,7 +236,7 @@ def solve(model: Model, chain: Chain, x_T: torch.Tensor, *,
     """
     options = _check_arguments(solver, linearize, grad, tol, max_iter, window, process_group,
                                options, unknown)
-    _check_order(chain, process_group, options)
+    _check_order(chain, options)
     start = time.perf_counter()
     system, noise = _prepare(model, chain, x_T, noise, generator, allow_tf32=options.allow_tf32)
     with torch.no_grad():
@@ -288,15 +310,13 @@ def _check_arguments(solver, linearize, grad, tol, max_iter, window, process_gro
     return options
 
 
-def _check_order(chain, process_group, options) -> None:
+def _check_order(chain, options) -> None:
     """What an order-2 chain (DPM-Solver++(2M)) does not run yet: a ValueError before any
-    work. Its step reads the state two steps back, which the sharded solve's carries and
-    the captured rounds do not carry yet (docs/design.md §2.8)."""
+    work. Its step reads the state two steps back, which the captured rounds do not carry
+    yet (docs/design.md §2.8)."""
     if getattr(chain, "order", 1) != 2:
         return
     name = type(chain).__name__
-    if process_group is not None:
-        raise ValueError(f"{name} (an order-2 chain) does not run with process_group yet")
     if options.cuda_graph:
         raise ValueError(f"{name} (an order-2 chain) does not run in CUDA graphs yet: "
                          f"cuda_graph=False")

@@ -477,10 +477,17 @@ class DPMSolverPP(Chain):
         S = self.num_steps
         if first_order is None:
             first_order = torch.zeros(S, dtype=torch.bool)
-        first_order = torch.as_tensor(first_order, dtype=torch.bool).clone()
-        if first_order.shape != (S,):
+        try:
+            flags = torch.as_tensor(first_order)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"first_order must be a sequence of bools, one per step, got "
+                            f"{type(first_order).__name__}") from None
+        if flags.dtype != torch.bool:
+            raise TypeError(f"first_order must hold bools (one per step), got dtype {flags.dtype}")
+        if flags.shape != (S,):
             raise ValueError(f"first_order must have one flag per step ({S}), got shape "
-                             f"{tuple(first_order.shape)}")
+                             f"{tuple(flags.shape)}")
+        first_order = flags.clone()
         first_order[0] = True
         first_order |= self.alpha_next >= 1.0            # h = inf: no second-order term
         if solver_order == 1:

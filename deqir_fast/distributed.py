@@ -22,6 +22,10 @@ A round on rank k, block [a, b) of the window [lo, hi):
    quantity that vanishes at convergence, so the result matches the single-process solve
    to rounding of the corrections, not of the states; the first block is bit-for-bit the
    same.
+   An order-2 chain (DPM-Solver++(2M), docs/design.md §2.8) also carries the difference
+   τ of its first step's previous term: (δ, τ) compose with a 2x2 elementwise matrix,
+   six states per rank (``_order2_map``); a block from a > 0 evaluates the step before
+   it, and the state two back travels with the carry.
 3. F = F(U_0) + A ⊙ δ, residuals of the block; one all-gather of the per-step residual
    row (the largest block's length, plus the shadow's verdict and a status flag): the
    round's one host read. The loop then
@@ -329,6 +333,8 @@ class ShardedEngine:
                              "solve keeps its Anderson history in the state dtype)")
         check_device(cfg.group, X.device)
         self.fused = callable(getattr(system, "round_and_residuals", None))
+        # an order-2 chain's block map carries two states (docs/design.md §2.8)
+        self.order = getattr(system, "order", 1)
         self.sst = sst = ShardStats()
         loop.stats.sharding = sst
         self.comm = comm = _Comm(cfg.group, cfg.timeout, sst)
@@ -403,9 +409,13 @@ class ShardedEngine:
         t0 = time.perf_counter()
         A_last, G_last, FX0, r0, M = self._block_round(loop, p)
         sst.compute_seconds += time.perf_counter() - t0
-        payload = [A_last.reshape(-1), G_last.reshape(-1)]
+        payload = [t.reshape(-1) for t in (*A_last, *G_last)] if self.order == 2 else \
+            [A_last.reshape(-1), G_last.reshape(-1)]
         if loop.shadow is not None:            # rank 0's shadow state rides along
             payload.append((loop.shadow.u if me == 0 else torch.zeros_like(self.item)).reshape(-1))
+            if self.order == 2:                # and the one before it (a restart puts both in)
+                payload.append((loop.shadow.u_prev if me == 0
+                                else torch.zeros_like(self.item)).reshape(-1))
         self.carries = self.comm.all_gather(torch.cat(payload), "carry scan")
         t0 = time.perf_counter()
         r_pad = self._corrected_residuals(loop, p, FX0, r0, M)
@@ -432,7 +442,7 @@ class ShardedEngine:
         item = self.item
         a, b = self.parts[self.me]
         self.FX = self.e_last = None
-        A_last, G_last, FX0, r0, M = torch.ones_like(item), torch.zeros_like(item), None, None, None
+        A_last, G_last, FX0, r0, M = self._identity_map() + (None, None, None)
         if shadow is not None and self.me == 0 and b == a and comm.failed is None:
             try:                                   # rank 0 has no steps: the shadow alone
                 shadow.step(system.eps_bar(shadow.u[None], p, check_finite=False)[0])
@@ -458,13 +468,51 @@ class ShardedEngine:
                 r0 = step_residuals(FX0 - X[a:b]).to(torch.float64) * loop.scale_dev[a:b]
             del U, E
             M = system.step_slopes(lin, a, b, X)
-            for i in range(b - a):
-                A_last = A_last * M[i if M.shape[0] > 1 else 0]
-            G_last = FX0[-1] - X[b - 1]
+            if self.order == 2:
+                M, A_last, G_last = self._order2_map(loop, M, FX0, a, b)
+            else:
+                for i in range(b - a):
+                    A_last = A_last * M[i if M.shape[0] > 1 else 0]
+                G_last = FX0[-1] - X[b - 1]
         except Exception as e:                     # noqa: BLE001 - reported to every rank
             comm.failed = e
-            A_last, G_last = torch.ones_like(item), torch.zeros_like(item)
+            A_last, G_last = self._identity_map()
         return A_last, G_last, FX0, r0, M
+
+    def _identity_map(self):
+        """(A, G) of a block without steps: the carry passes through unchanged."""
+        one, zero = torch.ones_like(self.item), torch.zeros_like(self.item)
+        if self.order == 2:
+            return (one, zero, zero, one), (zero, zero)
+        return one, zero
+
+    def _order2_map(self, loop, M, FX0, a: int, b: int):
+        """An order-2 block's affine map (docs/design.md §2.8). Its old scan ran from the
+        old carry X[a-1] and the old previous pair (X[a-2], ē there); the true running
+        input of step a differs by δ and the previous term C_a u_{a-1} + D_a e_{a-1} by τ.
+        The outputs' differences d_{k+1} = α_k δ + β_k τ follow d_{a+1} = M_a δ + τ,
+        d_{k+1} = M_k d_k + N_k d_{k-1} (N_k = C_k + D_k J_{k-1}, ``previous_slopes``), and
+        the next block's (δ', τ') = G + A (δ, τ) with δ' = d_b + FX0_last - X[b-1] and
+        τ' = N_b (d_{b-1} + u0_{b-1} - X[b-2]) (u0: the old scan's input of step b-1).
+        Returns ((α, β) per step, A as four states, G as two)."""
+        X, W = loop.X, b - a
+        N = loop.system.previous_slopes(loop.lin, a, b, X)
+
+        def pick(T, i):
+            return T[i if T.shape[0] > 1 else 0]
+        one, zero = torch.ones_like(self.item), torch.zeros_like(self.item)
+        prev, cur = (one, zero), (pick(M, 0) * one, one)          # d_a, d_{a+1}
+        alphas, betas = [cur[0]], [cur[1]]
+        for i in range(1, W):
+            m, n = pick(M, i), pick(N, i - 1)
+            prev, cur = cur, (m * cur[0] + n * prev[0], m * cur[1] + n * prev[1])
+            alphas.append(cur[0])
+            betas.append(cur[1])
+        n_b = pick(N, W - 1) * one
+        u0 = FX0[-2] if W > 1 else X[a - 1]                        # the old scan's input of b-1
+        A = (cur[0], cur[1], n_b * prev[0], n_b * prev[1])
+        G = (FX0[-1] - X[b - 1], n_b * (u0 - X[b - 2]) if b >= 2 else zero)
+        return (torch.stack(alphas), torch.stack(betas)), A, G
 
     def _corrected_residuals(self, loop, p: int, FX0, r0, M) -> torch.Tensor:
         """The block's F(X) from its true carry, F = F(U_0) + A ⊙ δ, and its residuals,
@@ -481,14 +529,25 @@ class ShardedEngine:
         r_pad[maxW + 1] = 1.0 if (shadow is None or me != 0) else \
             torch.isfinite(shadow.u).all().to(torch.float64)
         if shadow is not None and p < loop.lo and int(self.final_owner[p]) == me and comm.failed is None:
-            serial = self.carries[0, 2 * n:].view_as(item)
+            serial = self._shadow_state(0)
             r_pad[maxW:maxW + 1] = shadow.deviation(X, p, serial[None])
-            if p < loop.lo - 1:     # no longer read (lo - 1 is the carry): the serial state
-                X[p] = serial       # (as FixedPointLoop.round does; a mismatch resets it)
+            # no longer read (lo - 1 is the carry, lo - 2 an order-2 window's too): the
+            # serial state (as FixedPointLoop.round does; a mismatch resets it)
+            if p < loop.lo - self.order:
+                X[p] = serial
         if b == a or comm.failed is not None:
             return r_pad
         try:
-            if me != order[0]:
+            if me != order[0] and self.order == 2:
+                delta, tau = torch.zeros_like(item), torch.zeros_like(item)
+                for k in order[:order.index(me)]:
+                    A00, A01, A10, A11, Gd, Gt = (self.carries[k, j * n:(j + 1) * n].view_as(item)
+                                                  for j in range(6))
+                    delta, tau = Gd + A00 * delta + A01 * tau, Gt + A10 * delta + A11 * tau
+                alphas, betas = M
+                FX = FX0
+                FX += alphas * delta + betas * tau
+            elif me != order[0]:
                 delta = torch.zeros_like(item)
                 for k in order[:order.index(me)]:
                     Ak = self.carries[k, :n].view_as(item)
@@ -499,6 +558,7 @@ class ShardedEngine:
                 for i in range(b - a):
                     run = run * M[i if M.shape[0] > 1 else 0]
                     FX[i] += run * delta
+            if me != order[0]:
                 if self.fused:       # the chain's own measure (DDNM weights its range)
                     r = loop.system.residuals(FX - X[a:b], a, b, loop.scale_dev[a:b])
                 else:
@@ -573,11 +633,20 @@ class ShardedEngine:
     def put_serial(self, loop, p: int, q=None) -> None:
         """A restart: every rank takes the shadow's state at p, and the states are
         replicated from the ranks that hold them."""
-        serial = self.carries[0, 2 * self.n_state:].view_as(self.item)
+        serial = self._shadow_state(0)
         self.gather_states(loop)
         loop.X[p] = serial
+        if self.order == 2 and p > 0:          # an order-2 window reads the one before too
+            loop.X[p - 1] = self._shadow_state(1)
 
     take_serial_carry = put_serial     # the planner's switch to the serial sampler
+
+    def _shadow_state(self, back: int) -> torch.Tensor:
+        """Rank 0's shadow state (``back`` = 1: the one before it, order 2) from the carry
+        gather, after the blocks' maps (2 states each, 6 for order 2)."""
+        n = self.n_state
+        base = (6 if self.order == 2 else 2) * n + back * n
+        return self.carries[0, base:base + n].view_as(self.item)
 
     def gather_states(self, loop) -> None:
         """Every state on every rank, each from the rank that holds it (a frozen state
@@ -591,13 +660,25 @@ class ShardedEngine:
     # -- the planner (window="auto") -----------------------------------------------------------
     def call_rows(self, loop, lo: int, W: int) -> int:
         """The largest block's model-call rows at window W from lo (rank 0 adds the
-        shadow's state)."""
+        shadow's state, an order-2 chain's block from a > 0 the step before it)."""
         parts = self.split(lo, min(lo + W, loop.S), loop.S)
         shadow = loop.shadow is not None
-        return max((b - a) + (1 if (k == 0 and shadow) else 0) for k, (a, b) in enumerate(parts))
+        order2 = getattr(loop.system, "order", 1) == 2
+        return max((b - a) + (1 if (k == 0 and shadow) else 0) + (1 if (order2 and a > 0 and b > a) else 0)
+                   for k, (a, b) in enumerate(parts))
 
     def agreed_seconds(self) -> Optional[float]:
         return self.round_seconds
+
+    def previous_rows(self, loop) -> int:
+        """The order-2 rows every rank's blocks took, summed over the ranks (after
+        ``finish``: its gather has checked that every rank is alive)."""
+        if self.order == 1:
+            return 0
+        t = torch.tensor([float(getattr(loop.system, "previous_rows", 0))], dtype=torch.float64,
+                         device=self.item.device)
+        _all_reduce(self.comm, t, "order-2 row count")
+        return int(t.to("cpu")[0])
 
     def planner_sync(self, X: torch.Tensor) -> "_PlannerSync":
         return _PlannerSync(self.cfg, X.device)
@@ -655,7 +736,7 @@ class ShardedEngine:
         else:
             new_parts = self.split(lo, hi, loop.S)
         _migrate(self.comm, loop.X, loop.lin, loop.update, parts, new_parts, old_hi, last_owner,
-                 self.sst)
+                 self.sst, self.order, self.final_owner)
         self.parts = new_parts
 
     def finish(self, loop) -> None:
@@ -778,18 +859,25 @@ def _rebalanced(kept, lo: int, hi: int):
     return split_in_order(lo, hi, ranks, R)
 
 
-def _migrate(comm: _Comm, X, lin, rule, old, new, old_hi: int, last_owner: int, sst: ShardStats):
+def _migrate(comm: _Comm, X, lin, rule, old, new, old_hi: int, last_owner: int, sst: ShardStats,
+             order: int = 1, final_owner: Optional[torch.Tensor] = None):
     """Move what each rank needs under the new split from the ranks that hold it: the
-    state before its block (its next carry), and for steps new to it their state, secant
-    history and the update rule's per-step history (``export_steps``). Every rank
-    computes the same transfer list."""
+    state before its block (its next carry; for an order-2 chain the one before that
+    too, which may be a state frozen before the old window: ``final_owner`` holds it),
+    and for steps new to it their state, secant history and the update rule's per-step
+    history (``export_steps``). Every rank computes the same transfer list."""
     me = comm.rank
+    old_lo = min((a for a, b in old if b > a), default=old_hi)
 
     def src(s):
+        if s < old_lo and final_owner is not None:
+            return int(final_owner[s])
         return _owner_of(old, s) if s < old_hi else last_owner
 
     def holds(k, s):
         a, b = old[k]
+        if s < old_lo and final_owner is not None:
+            return int(final_owner[s]) == k
         return a <= s < b or (s >= old_hi and k == last_owner)
 
     # kind: "full" a step joining a block (state and histories), "x" the state before a
@@ -799,7 +887,7 @@ def _migrate(comm: _Comm, X, lin, rule, old, new, old_hi: int, last_owner: int, 
     for k, (a, b) in enumerate(new):
         if b <= a:
             continue
-        need = [a - 1] if a >= 1 else []
+        need = [s for s in range(a - order, a) if s >= 0]
         for s in need + list(range(a, b)):
             if holds(k, s):
                 continue

@@ -131,6 +131,12 @@ class AdjointSystem:
         J = lin.jacobian(a, b)
         return self.P[a:b] if J is None else self.P[a:b] + J
 
+    def previous_slopes(self, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
+        """C'_k for adjoint steps k = a+1 .. b (0 past the last), order 2: the C term's slope
+        (its D term is in the model term, held at the round's inputs), for a sharded
+        adjoint's carry correction (``ChainSystem.previous_slopes``)."""
+        return torch.cat([self.C, torch.zeros_like(self.C[:1])])[a + 1:b + 1]
+
     def model_term(self, Ain: torch.Tensor, lo: int) -> torch.Tensor:
         """J_kᵀ(Q_k A) for adjoint steps lo..lo+W-1 (forward steps S-lo-W .. S-lo-1)."""
         hi = lo + Ain.shape[0]

@@ -156,12 +156,13 @@ def sample_euler_ancestral(model, x: torch.Tensor, sigmas: torch.Tensor,
     sampler = noise_sampler if noise_sampler is not None else (lambda s, sn: torch.randn_like(x))
 
     def draws(s):
+        # called as k-diffusion calls it, also where σ_up is 0 (eta or s_noise 0): the
+        # default sampler then advances torch's generator as the serial loop does
         return [None if not float(s[i + 1]) > 0 else sampler(s[i], s[i + 1])
                 for i in range(s.numel() - 1)]
     return _sample(lambda sched, ts, fa: EulerAncestral(sched, ts, eta=eta, s_noise=s_noise,
                                                         final_alpha=fa),
-                   model, x, sigmas, extra_args, callback,
-                   draws if eta > 0 and s_noise > 0 else None,
+                   model, x, sigmas, extra_args, callback, draws,
                    dict(solver=solver, tol=tol, max_iter=max_iter, window=window, init=init,
                         **solve_kwargs), return_result, serial)
 
@@ -214,6 +215,8 @@ def _sample(make_chain, model, x, sigmas, extra_args, callback, draws, solve_kwa
             if z is not None:
                 check_tensor("noise_sampler's draw", z, shape=tuple(x.shape))
                 noise[i] = z.reshape(flat.shape).to(dtype)
+        if not chain.needs_noise:
+            noise = None          # drawn for the generator's sake only (σ_up = 0)
     if serial:
         res = None
         states = sample_serial(eps_model, chain, x_T, noise=noise, return_states=True)

@@ -127,7 +127,13 @@ def schedule_from_sigmas(sigmas) -> tuple:
     schedule holds ᾱ = 1/(1 + σ²) of ``sigmas[:-1]`` by index (ᾱ decreasing in the index,
     so step i is timestep index ``len(sigmas) - 2 - i``); final_alpha is ᾱ of the last σ."""
     if not isinstance(sigmas, torch.Tensor):
-        sigmas = torch.as_tensor(sigmas)
+        try:
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"sigmas must be a 1-D tensor of noise levels, got "
+                            f"{type(sigmas).__name__}") from None
+    if not (sigmas.is_floating_point() or sigmas.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"sigmas must be real numbers, got dtype {sigmas.dtype}")
     if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor of at least 2 noise levels, got shape "
                          f"{tuple(sigmas.shape)}")

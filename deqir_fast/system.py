@@ -110,6 +110,7 @@ class ChainSystem:
                                 for c in previous)
         self._pending = None       # (lo, inputs buffer with the previous row last)
         self._previous = None      # (lo, u_{lo-1}, ē_{lo-1}) of the last model call
+        self.previous_rows = 0     # those rows' step evaluations (the solve adds them to nfe)
         # DDIM, DDRM and DDNM: the fused round computes P, Q and R per element in-kernel
         # from a [S, NS] float64 table of per-step scalars and the singular values (one
         # item's worth, in the state dtype); coeffs.P/Q/R are never materialised.
@@ -297,7 +298,9 @@ class ChainSystem:
             steps = self._step_ids[lo:lo + U.shape[0]]
         E_all = self.eps_bar(buffer, lo, check_finite=False,
                              steps=torch.cat([steps, self._step_ids[lo - 1:lo]]))
-        self._previous = (lo, buffer[-1], E_all[-1])
+        # copies: views would keep the round's whole input buffer and model output alive
+        self._previous = (lo, buffer[-1].clone(), E_all[-1].clone())
+        self.previous_rows += 1
         return E_all[:-1]
 
     def _previous_pair(self, E: torch.Tensor, U: torch.Tensor, lo: int,
@@ -351,6 +354,16 @@ class ChainSystem:
         if kZ is not None and noise is not None:
             R = kZ * noise if R is None else R + kZ * noise
         return affine_scan(P, Q, E, R, U[0], J, U)
+
+    def previous_slopes(self, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
+        """N_k = C_k + D_k J_{k-1} for steps k = a+1 .. b (0 past the last step), order 2:
+        the slope of step k's previous term in the input of step k-1 (what a sharded
+        solve's carry correction composes, ``distributed.ShardedEngine._order2_map``)."""
+        J = lin.jacobian(a, b)                                   # J_a .. J_{b-1}
+        zero = torch.zeros_like(self._C[:1])
+        C = torch.cat([self._C, zero])[a + 1:b + 1]
+        D = torch.cat([self._D, zero])[a + 1:b + 1]
+        return C if J is None else C + D * J
 
     def step_slopes(self, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
         """M_i = P_i + Q_i J_i for steps a..b-1, broadcastable to [b-a, B, ...]: the slope of
@@ -458,6 +471,7 @@ class ChainSystem:
             if start > 0:
                 u_prev = self.carry(states, start - 1)
                 previous = (u_prev, self.eps_bar(u_prev.unsqueeze(0), start - 1)[0])
+                self.previous_rows += 1
             else:                 # C_0 = D_0 = 0
                 previous = (torch.zeros_like(u), torch.zeros_like(u))
         for i in range(start, stop):

@@ -370,6 +370,16 @@ ISSUE_25 = [
     Mutant("o2-serial-prev-after-step", "the serial sampler passes its new state as the previous one",
            "deqir_fast/system.py", "                previous = (u, e)\n",
            "                previous = (u_next, e)\n", first=SAMPLERS_T),
+    # check_every > 1 (the read-back engine, since eeca431): the bad state in a batch's last
+    # round, where the restart's window reads the state before it
+    Mutant("o2-readback-restart-no-prev", "check_every: a restart leaves the state before the "
+           "bad one as frozen", "deqir_fast/solvers/engines.py",
+           "            loop.X[p - 1] = self.shadow_hist[q - 1] if q > 0 else self.shadow_before\n",
+           "            pass\n", first=SAMPLERS_T),
+    Mutant("o2-readback-prev-batch-start", "check_every: the state before the bad one taken from "
+           "before the batch even when the batch holds it", "deqir_fast/solvers/engines.py",
+           "self.shadow_hist[q - 1] if q > 0 else self.shadow_before",
+           "self.shadow_before", first=SAMPLERS_T),
     # -- DPM-Solver++(2M)'s coefficients (chains.py) ----------------------------------------------
     Mutant("dpm-midpoint-kappa-x2", "midpoint's κ without the 1/2", "deqir_fast/chains.py",
            "            kappa = K / (2 * r)", "            kappa = K / r", first=SAMPLERS_T),

@@ -162,6 +162,34 @@ def test_planned_sharded_solve_takes_the_same_decisions_on_every_rank(tmp_path):
     assert all(r["serial_from"] is None and max(r["windows"]) > 2 for r in flat), flat
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_order_two_chain_sharded_equals_single_process(world, tmp_path):
+    """DPM-Solver++(2M), an order-2 chain (docs/design.md §2.8): a block's map carries the
+    carry and the previous term (two states, a 2x2 composition across the blocks), each
+    block evaluates the step before it, and the state two back travels with the carry.
+    Same rounds, decisions and states as the single-process solve (float64), the serial
+    result, implicit gradients equal to autograd through the serial sampler, and a
+    shadow restart that must put in the state before the bad one too."""
+    out = str(tmp_path / "order2.json")
+    codes, errs, _ = launch(world, "order2", out)
+    assert codes == [0] * world, "\n".join(errs)
+    with open(out) as f:
+        rows = json.load(f)
+    solves = [r for r in rows if r["case"][0] == "solve"]
+    assert len(solves) == 9
+    for r in solves:
+        assert r["iters"] == r["iters_ref"] and r["converged"] == r["converged_ref"], r
+        assert r["states_err"] <= 1e-10 and r["serial_err"] <= 1e-9, r
+        assert r["same_on_ranks"], r
+        # every block from a > 0 evaluates the step before it: more rows than one process
+        assert r["nfe"] >= r["nfe_ref"], r
+    grad = next(r for r in rows if r["case"][0] == "grad")
+    assert grad["x_T_err"] <= 1e-9, grad
+    restart = next(r for r in rows if r["case"][0] == "restart")
+    assert restart["mismatch"] is not None and restart["converged"], restart
+    assert restart["serial_err"] <= 1e-9, restart
+
+
 def test_ranks_drawing_different_noise_are_refused(tmp_path):
     """x_T agrees but each rank's generator differs: the noise differs, and every rank
     must refuse rather than solve a chain stitched from different draws."""
@@ -432,6 +460,71 @@ def _worker(rank, world, port, mode, out):
                 print(f"ShardError: {e}\nafter {time.perf_counter() - t0:.3f} s", file=sys.stderr)
                 sys.stderr.flush()
                 os._exit(3)          # skip the teardown of a group whose solve was aborted
+        elif mode == "order2":
+            from deqir_fast.chains import DPMSolverPP
+            from deqir_fast.schedules import schedule_from_sigmas
+            sig = torch.cat([torch.linspace(14.0, 0.05, 17, dtype=torch.float64),
+                             torch.zeros(1, dtype=torch.float64)])
+            sched, ts, final_alpha = schedule_from_sigmas(sig)
+            chain = DPMSolverPP(sched, ts, final_alpha=final_alpha)
+            model = dq.testing.GaussianMixtureDenoiser(sched, (3, 8, 8), dtype=torch.float64)
+            x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1),
+                              dtype=torch.float64)
+            serial = dq.sample_serial(model, chain, x_T)
+            rows = []
+            for solver in SOLVERS[:3]:
+                for window, lin, reb in ((None, "secant", True), (5, "secant", True),
+                                         (3, "none", False)):
+                    kw = dict(solver=solver, linearize=lin, tol=1e-9, window=window)
+                    ref = dq.solve(model, chain, x_T, **kw)
+                    res = dq.solve(model, chain, x_T, **kw,
+                                   process_group=ShardConfig(rebalance=reb, timeout=30))
+                    allx = [torch.empty_like(res.states) for _ in range(world)]
+                    dist.all_gather(allx, res.states.contiguous())
+                    rows.append(dict(
+                        case=["solve", solver, window, lin, reb], iters=res.iterations,
+                        iters_ref=ref.iterations, nfe=res.nfe, nfe_ref=ref.nfe,
+                        converged=res.converged, converged_ref=ref.converged,
+                        states_err=(res.states - ref.states).abs().max().item(),
+                        serial_err=(res.x0 - serial).abs().max().item(),
+                        same_on_ranks=all(torch.equal(x, res.states) for x in allx)))
+            x = x_T.clone().requires_grad_(True)
+            res = dq.solve(model, chain, x, tol=1e-9, options=dq.SolveOptions(grad_tol=1e-9),
+                           process_group=ShardConfig(timeout=30))
+            w = torch.linspace(-1, 1, res.x0.numel(), dtype=res.x0.dtype).view_as(res.x0)
+            (res.x0 * w).sum().backward()
+            xs = x_T.clone().requires_grad_(True)
+            (dq.sample_serial(model, chain, xs) * w).sum().backward()
+            rows.append(dict(case=["grad"], x_T_err=((x.grad - xs.grad).abs().max()
+                                                     / xs.grad.abs().max()).item()))
+            # a planted fault (two freezes a round in the first three rounds) that the
+            # shadow finds; before the restart the state before the bad one is moved by
+            # 1e-7, as a frozen state within tol but not exact: the restart must put the
+            # shadow's own in its place
+            import deqir_fast.solvers.loop as L
+            from deqir_fast.distributed import ShardedEngine
+            real_freeze, calls = L.steps_to_freeze, []
+            real_put = ShardedEngine.put_serial
+
+            def early(r, tol, ratio, last=True):
+                calls.append(1)
+                return max(real_freeze(r, tol, ratio, last), min(2, r.numel()) if len(calls) <= 3 else 0)
+
+            def put_serial(self, loop, p, q=None):
+                if p > 0:
+                    loop.X[p - 1] += 1e-7
+                return real_put(self, loop, p, q)
+            L.steps_to_freeze, ShardedEngine.put_serial = early, put_serial
+            try:
+                res = dq.solve(model, chain, x_T, tol=1e-9, window=5, linearize="none",
+                               process_group=ShardConfig(timeout=30))
+            finally:
+                L.steps_to_freeze, ShardedEngine.put_serial = real_freeze, real_put
+            rows.append(dict(case=["restart"], mismatch=res.stats.serial_mismatch,
+                             converged=res.converged,
+                             serial_err=(res.x0 - serial).abs().max().item()))
+            if rank == 0:
+                json.dump(rows, open(out, "w"))
         elif mode == "noise":
             # each rank draws its own noise (generator seeded by rank): refused on every rank
             try:

@@ -51,6 +51,7 @@ def check_block(ns):
         assert ns["res"].converged and (ns["sample"] - ns["euler"]).abs().max() <= GREY
     if "loop" in ns:                                          # k-diffusion's other loops
         assert ns["res"].converged and (ns["sample"] - ns["loop"]).abs().max() <= GREY
+        assert ns["res_a"].converged and (ns["sample_a"] - ns["loop_a"]).abs().max() <= GREY
     if ("chain" in ns or "dpm" in ns) and "image" in ns and "sample" in ns:   # σ-space loops
         assert ns["res"].converged and (ns["sample"] - ns["image"]).abs().max() <= GREY
     if "res" in ns and hasattr(ns["res"], "x0"):
@@ -64,8 +65,16 @@ def test_readme_python_block_runs_alone(index, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}
     exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index + 1}", "exec"), namespace)
-    assert capsys.readouterr().out.strip(), f"README python block {index + 1} prints nothing"
+    out = capsys.readouterr().out
+    assert out.strip(), f"README python block {index + 1} prints nothing"
     check_block(namespace)
+    # what a block prints of a loop over samplers holds for each line, not only the last
+    # one the namespace keeps: every "converged" True, every "max|... - loop|" within 2/255
+    for line in out.splitlines():
+        if "converged " in line:
+            assert "converged True" in line, line
+        for value in re.findall(r"max\|[^|]*- loop\| ([0-9.e+-]+)", line):
+            assert float(value) <= GREY, line
 
 
 def test_the_gradient_example_is_checked():

@@ -157,16 +157,27 @@ def test_euler_ancestral_default_noise_is_torch_randn_in_step_order():
 
 
 def test_eta_zero_is_euler_and_stopping_above_zero():
-    """eta = 0 draws nothing and is Euler; sigmas ending above 0 return x at that sigma."""
+    """eta = 0 is Euler; its noise_sampler is still called once per step with sigma_next > 0,
+    as k-diffusion calls it (the default one advances torch's generator as the loop does);
+    sigmas ending above 0 return x at that sigma."""
     den = Denoiser().double()
     sigmas = get_sigmas_karras(15, 0.5, 14.6).double()[:-1]            # ends at 0.5, no 0
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1),
                     dtype=torch.float64) * sigmas[0]
     euler = kd.sample_euler(den, x, sigmas, serial=True)
     calls = []
-    out = kd.sample_euler_ancestral(den, x, sigmas, eta=0.0, tol=0,
-                                    noise_sampler=lambda s, sn: calls.append(1))
-    assert not calls and rel(out, euler) <= 1e-12
+
+    def sampler(s, sn):
+        calls.append(1)
+        return torch.randn_like(x)
+    out = kd.sample_euler_ancestral(den, x, sigmas, eta=0.0, tol=0, noise_sampler=sampler)
+    assert len(calls) == len(sigmas) - 1 and rel(out, euler) <= 1e-12
+    torch.manual_seed(5)
+    kd.sample_euler_ancestral(den, x, sigmas, eta=0.0, s_noise=0.0)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    euler_ancestral_reference(den, x, sigmas, 0.0, 0.0, lambda s, sn: torch.randn_like(x))
+    assert torch.equal(after, torch.rand(1))       # exact: the same generator state
     assert rel(kd.sample_dpmpp_2m(den, x, sigmas, tol=0),
                dpmpp_2m_reference(den, x, sigmas)) <= 1e-12
 
@@ -404,6 +415,20 @@ def test_order_two_windows_and_rules_reach_serial(window, solver):
     assert res.converged and float((res.x0 - ref).abs().max()) < GREY
 
 
+@pytest.mark.parametrize("window,init", [(None, "jump"), (4, "jump"), (1, "x_T")])
+def test_order_two_nfe_counts_every_row_the_model_evaluates(window, init):
+    """nfe is the rows the model was called on: a window from lo > 0 adds the state
+    entering step lo - 1, and the shadow its own."""
+    model, chain, x_T = dpm_problem()
+    rows = []
+
+    def counted(x, t):
+        rows.append(x.shape[0] // x_T.shape[0])
+        return model(x, t)
+    res = dq.solve(counted, chain, x_T, window=window, init=init)
+    assert res.converged and res.nfe == sum(rows), (res.nfe, sum(rows))
+
+
 @pytest.mark.parametrize("linearize", ["secant", "gaussian", "paradigms", "none"])
 @pytest.mark.parametrize("init", ["jump", "x_T"])
 def test_order_two_linearisations_and_inits(linearize, init):
@@ -422,11 +447,15 @@ def perturb_before_restart(monkeypatch, engine: str):
     cls = getattr(engines, engine)
     put = cls.put_serial
 
+    seen = []
+
     def put_serial(self, loop, p, q=None):
+        seen.append((p, q))
         if p > 0:
             loop.X[p - 1] += 1e-7
         return put(self, loop, p, q)
     monkeypatch.setattr(cls, "put_serial", put_serial)
+    return seen
 
 
 def test_order_two_shadow_restart_and_serial_switch_are_exact(monkeypatch):
@@ -449,19 +478,26 @@ def test_order_two_shadow_restart_and_serial_switch_are_exact(monkeypatch):
     assert res.stats.serial_mismatch is not None          # the restart path ran
     assert res.converged and rel(res.x0, ref) <= 1e-10
 
-    class Clock:                                          # serial as soon as it may: every
-        t = 0.0                                           # extra image costs a second
+    # the planner's switch to the serial sampler mid-solve (its 4th choice; windows of 4 or
+    # more before): the serial sampler continues from the shadow's state and the one before
+    import deqir_fast.solvers.engines as engines
+    import deqir_fast.solvers.planner as PL
+    choose, carries = PL.Planner.choose, []
 
-        def __call__(self):
-            return self.t
-    clock = Clock()
+    def switch(self, *a, **k):
+        carries.append(None)
+        w = choose(self, *a, **k)
+        return PL.SERIAL if len(carries) == 4 else max(w, 4)
+    take = engines._LocalEngine.take_serial_carry
 
-    def costly(x, t):
-        clock.t += x.shape[0]
-        return model(x, t)
-    planner = dq.Planner(clock=clock)
-    res = dq.solve(costly, chain, x_T, tol=1e-9, window=planner)
+    def spy(self, loop, p):
+        carries.append(p)
+        return take(self, loop, p)
+    monkeypatch.setattr(PL.Planner, "choose", switch)
+    monkeypatch.setattr(engines._LocalEngine, "take_serial_carry", spy)
+    res = dq.solve(model, chain, x_T, window="auto", tol=1e-3, linearize="none")
     assert res.stats.plan.serial_from is not None and res.converged
+    assert any(p is not None and p > 0 for p in carries), carries
     assert rel(res.x0, ref) <= 1e-10
 
 
@@ -482,25 +518,27 @@ def test_order_two_with_batched_read_backs(check_every, monkeypatch):
     import deqir_fast.solvers.engines as engines
     real, calls = engines.freeze_count, []
 
-    def early(r, frozen, *levels):                        # the first batch only
+    def late(r, frozen, *levels):                         # rounds 4-6: the second batch
         calls.append(1)
         n = real(r, frozen, *levels)
-        return torch.maximum(n, torch.clamp(frozen + 2, max=r.numel())) if len(calls) <= check_every else n
-    monkeypatch.setattr("deqir_fast.solvers.engines.freeze_count", early)
-    perturb_before_restart(monkeypatch, "ReadbackEngine")
+        return torch.maximum(n, torch.clamp(frozen + 2, max=r.numel())) if 4 <= len(calls) <= 6 else n
+    monkeypatch.setattr("deqir_fast.solvers.engines.freeze_count", late)
+    seen = perturb_before_restart(monkeypatch, "ReadbackEngine")
     # tol 1e-6: the state before the bad one passed the shadow's check, but only to 1e-6;
-    # the restart must take the shadow's exact one for the result to be exact
+    # the restart must take the shadow's exact one for the result to be exact. The bad
+    # step is the batch's third shadow state (q = 2): the one before it is the shadow's
+    # state of the batch's second round, not of the round before the batch
     res = dq.solve(model, chain, x_T, tol=1e-6, window=6, linearize="none", options=opts)
     assert res.stats.serial_mismatch is not None and res.converged
-    assert rel(res.x0, ref) <= 1e-10
+    assert any(q is not None and q > 0 for _, q in seen), seen
+    serial = dq.sample_serial(model, chain, x_T, return_states=True)
+    assert rel(res.states, serial) <= 1e-10
 
 
 def test_order_two_refusals():
     model, chain, x_T = dpm_problem()
     with pytest.raises(ValueError, match="cuda_graph=False"):
         dq.solve(model, chain, x_T, options=dq.SolveOptions(check_every=2, cuda_graph=True))
-    with pytest.raises(ValueError, match="process_group"):
-        dq.solve(model, chain, x_T, process_group=object())
 
 
 class Tilted(torch.nn.Module):
@@ -570,6 +608,13 @@ def test_refused_scheduler_settings():
         dq.chain_from_diffusers(EulerDiscreteScheduler())
     with pytest.raises(ValueError, match="chain="):
         dq.models.eps_model(torch.nn.Identity(), EulerDiscreteScheduler())
+    # a model that does not map the chain's step indices to the scheduler's timesteps
+    # would run the network at t = 0..S-1 and return garbage, converged: refused
+    chain = dq.chain_from_diffusers(DPMSolverMultistepScheduler(), 6)
+    with pytest.raises(ValueError, match="model must run the network at the scheduler's"):
+        dq.solve(lambda x, t: x, chain, torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="model_timesteps"):
+        dq.sample_serial(dq.models.EpsModel(torch.nn.Identity()), chain, torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="chain="):
         dq.models.eps_model(torch.nn.Identity(), DDIMScheduler(clip_sample=False),
                             chain=dq.chain_from_diffusers(EulerDiscreteScheduler(), 5))
@@ -590,6 +635,14 @@ def test_refused_scheduler_settings():
         kd.sample_euler_ancestral(den, x, sig, noise_sampler=lambda s, sn: torch.randn(2, 3))
     with pytest.raises(ValueError, match="first_order"):
         DPMSolverPP(*schedule_from_sigmas(sig)[:2], first_order=[True])
+    with pytest.raises(TypeError, match="first_order"):
+        DPMSolverPP(*schedule_from_sigmas(sig)[:2], first_order="ab")
+    with pytest.raises(TypeError, match="first_order"):
+        DPMSolverPP(*schedule_from_sigmas(sig)[:2], first_order=[0.5] * 5)
+    with pytest.raises(TypeError, match="sigmas"):
+        schedule_from_sigmas("abc")
+    with pytest.raises(ValueError, match="descending"):
+        schedule_from_sigmas([1.0, 2.0, 0.0])
     with pytest.raises(ValueError, match="solver_type"):
         DPMSolverPP(*schedule_from_sigmas(sig)[:2], solver_type="rk4")
     assert isinstance(kd.chain_from_sigmas(sig), Euler)

@@ -77,6 +77,10 @@ class _LocalEngine:
         """A round's time agreed across processes (None: the planner's clock decides)."""
         return None
 
+    def previous_rows(self, loop) -> int:
+        """The order-2 rows the solve's model calls took (``ChainSystem.previous_rows``)."""
+        return getattr(loop.system, "previous_rows", 0)
+
     def planner_sync(self, X: torch.Tensor):
         return None
 

@@ -100,6 +100,8 @@ class FixedPointLoop:
             if step():
                 break
         self.engine.finish(self)
+        # an order-2 chain's windows evaluate the step before them too (ChainSystem._call)
+        self.stats.nfe += self.engine.previous_rows(self)
         if self.planner is not None:
             shadow = self.options.serial_shadow   # the fixed windows' calls hold its row
             self.stats.plan = self.planner.finish(
