@@ -36,10 +36,13 @@ class StepCoefficients:
     the state dtype, under the grad mode of the call that made them): the fused round
     (``ops/fused_round.py``) computes them per element in-kernel for DDIM, DDRM and
     DDNM and never touches them, so a solve does not hold [S, 1, C, H, W] tensors.
-    ``noise`` and ``ybar`` (ȳ = Uᵀy laid out like Vᵀx, or None) are what R is made of."""
+    ``noise`` and ``ybar`` (ȳ = Uᵀy laid out like Vᵀx, or None) are what R is made of.
+    ``P_minus_one``: P - 1 computed in float64 before the cast, for a chain that steps in
+    increment form (``Chain.increment_form``), else None."""
 
     def __init__(self, P=None, Q=None, R=None, u0=None, *, build=None, noise=None, ybar=None):
         self._P, self._Q, self._R = P, Q, R
+        self._P_minus_one = None
         self._build = build
         self.u0 = u0
         self.noise = noise
@@ -47,7 +50,7 @@ class StepCoefficients:
 
     def _materialize(self):
         if self._build is not None:
-            self._P, self._Q, self._R = self._build()
+            self._P, self._Q, self._R, self._P_minus_one = self._build()
             self._build = None
 
     @property
@@ -69,6 +72,11 @@ class StepCoefficients:
     def R(self) -> Optional[torch.Tensor]:
         self._materialize()
         return self._R
+
+    @property
+    def P_minus_one(self) -> Optional[torch.Tensor]:
+        self._materialize()
+        return self._P_minus_one
 
     @property
     def ybar(self) -> Optional[torch.Tensor]:
@@ -97,6 +105,12 @@ class Chain:
     # a variance-exploding loop that stops at σ > 0); set by the adapters
     initial_scale = 1.0
     output_scale = 1.0
+    # step as u' = u + ((P - 1) u + Q ē + R), P - 1 from float64: the σ-space samplers'
+    # own arithmetic x' = x + d·dt adds the increment to an exact state, and P ≈ 1 rounded
+    # to float32 scales the whole state by up to 6e-8 a step, which on the bundled UNet
+    # put our float32 Euler-20 1.6e-5 off the float64 serial sampler, against 2.0e-6 in
+    # this form and 2.5e-6 for diffusers' loop (bench/RESULTS.md §18)
+    increment_form = False
 
     def __init__(self, schedule: Schedule, timesteps, final_alpha: float = 1.0):
         if not isinstance(schedule, Schedule):
@@ -170,6 +184,7 @@ class Chain:
                 k0, kE, kY, kZ = self._k(a, an)
                 P = k0 / a.sqrt()
                 Q = kE - k0 * (1.0 - a).sqrt() / a.sqrt()
+                P_minus_one = (P - 1.0).to(like) if self.increment_form else None
                 R = None
                 if kY is not None:
                     ybar = self._ybar(like, y).to(torch.float64).unsqueeze(0)
@@ -179,7 +194,7 @@ class Chain:
                     R = Rz if R is None else R.to(like) + Rz
                 if R is not None:
                     R = R.to(like)
-                return P.to(like), Q.to(like), R
+                return P.to(like), Q.to(like), R, P_minus_one
 
         def ybar():
             with torch.set_grad_enabled(grad):
@@ -244,7 +259,7 @@ class DDIM(Chain):
                              "chain_from_diffusers)")
 
     def kernel_spec(self):
-        if type(self) not in (DDIM, Euler):
+        if type(self) is not DDIM:
             return None
         return KernelSpec("ddim", self.alpha, self.alpha_next, eta=self.eta,
                           uses_noise=self.eta > 0)
@@ -262,7 +277,9 @@ class Euler(DDIM):
     """Euler on the probability-flow ODE in σ-space (k-diffusion's ``sample_euler`` without
     churn, diffusers' ``EulerDiscreteScheduler``): with ᾱ = 1/(1 + σ²) and the variance-
     preserving state u = x / sqrt(1 + σ²) it is DDIM with η = 0 (``k_diffusion`` shows the
-    algebra), and runs as DDIM does, fused kernels included."""
+    algebra), stepped in increment form (``increment_form``) on the generic scan."""
+
+    increment_form = True
 
     def __init__(self, schedule: Schedule, timesteps, final_alpha: float = 1.0):
         super().__init__(schedule, timesteps, eta=0.0, final_alpha=final_alpha)
@@ -425,6 +442,8 @@ class EulerAncestral(Chain):
     With x0 = D(x, σ) and ε = (x - x0)/σ the step is x' = x0 + σ_down ε + s_noise σ_up z,
     so in u it is affine like every other chain. ``eta = 0`` is Euler (= DDIM, η = 0)."""
 
+    increment_form = True
+
     def __init__(self, schedule: Schedule, timesteps, eta: float = 1.0, s_noise: float = 1.0,
                  final_alpha: float = 1.0):
         super().__init__(schedule, timesteps, final_alpha)
@@ -465,6 +484,7 @@ class DPMSolverPP(Chain):
     (``previous_coefficients``)."""
 
     order = 2
+    increment_form = True
     SOLVER_TYPES = ("midpoint", "heun")
 
     def __init__(self, schedule: Schedule, timesteps, solver_order: int = 2,

@@ -255,7 +255,9 @@ class ChainSystem:
                 u_prev, e_prev = previous
                 T = self._C.index_select(0, p)[0] * u_prev + self._D.index_select(0, p)[0] * e_prev
                 R = T if R is None else R + T
-            return affine_step(c.P.index_select(0, p)[0], c.Q.index_select(0, p)[0], e, R, u)
+            P, increment = self._step_P()
+            return affine_step(P.index_select(0, p)[0], c.Q.index_select(0, p)[0], e, R, u,
+                               increment)
         noise = c.noise.index_select(0, p) if (self.spec.uses_noise and c.noise is not None) else None
         return fused_round(self.spec.sampler, self._table.index_select(0, p), e[None], u[None], u,
                            self._ones[:1], self._s, self._ybar(), noise, None)[0][0]
@@ -321,6 +323,11 @@ class ChainSystem:
         hi = lo + E.shape[0]
         return (self._C[lo:hi], self._D[lo:hi], *previous)
 
+    def _step_P(self):
+        """(the P the step multiplies by, whether it is P - 1: ``Chain.increment_form``)."""
+        Pm1 = self.coeffs.P_minus_one
+        return (self.coeffs.P, False) if Pm1 is None else (Pm1, True)
+
     def _ybar(self) -> Optional[torch.Tensor]:
         return self.coeffs.ybar if self.spec.uses_y else None
 
@@ -341,8 +348,9 @@ class ChainSystem:
         c = self.coeffs
         if self.spec is None:
             R = None if c.R is None else c.R[lo:hi]
-            return affine_scan(c.P[lo:hi], c.Q[lo:hi], E, R, U[0], J, None if J is None else U,
-                               self._previous_pair(E, U, lo, previous))
+            P, increment = self._step_P()
+            return affine_scan(P[lo:hi], c.Q[lo:hi], E, R, U[0], J, None if J is None else U,
+                               self._previous_pair(E, U, lo, previous), increment)
         if J is None:
             return self._fused(E, U, U[-1], lo, hi, None, self._ones[lo:hi])[0]
         # A J that is not a per-class slope table (ParaDiGMS' (1-P)/Q): the window's

@@ -52,8 +52,10 @@ for k, ((S, B, shape), coef, r_kind, j_kind) in enumerate(cases):
             failures.append(f"{case}: error {err:.2e} > 2 x {ref_err:.2e} + {atol}")
 
 # order 2 (DPM-Solver++(2M), docs/design.md §2.8): the previous step's input and
-# linearised model term carried beside the state, with and without R and J
+# linearised model term carried beside the state, with and without R and J; the increment
+# form (P holds P - 1: u + (P u + Q e + R), Chain.increment_form) on the last two
 for k, (r_kind, j_kind) in enumerate([(None, None), ("item", "element"), ("shared", "step-item")]):
+    increment = k > 0
     S, B, shape = SIZES[(k + 1) % 3]
     P64, Q64, E64, u064 = rand(S, 1, *shape).abs(), rand(S, 1, *shape), rand(S, B, *shape), rand(B, *shape)
     C64, D64 = rand(S, 1, 1, 1, 1), rand(S, 1, *shape)
@@ -61,15 +63,16 @@ for k, (r_kind, j_kind) in enumerate([(None, None), ("item", "element"), ("share
     R64 = None if r_kind is None else rand(S, 1 if r_kind == "shared" else B, *shape)
     J64 = None if j_kind is None else rand(*((S, B, 1, 1, 1) if j_kind == "step-item" else (S, 1, *shape)))
     U64 = None if j_kind is None else rand(S, B, *shape)
-    ref64 = affine_scan_reference(P64, Q64, E64, R64, u064, J64, U64, (C64, D64, up64, ep64))
+    ref64 = affine_scan_reference(P64, Q64, E64, R64, u064, J64, U64, (C64, D64, up64, ep64),
+                                  increment)
     first = affine_scan_reference(P64, Q64, E64, R64, u064, J64, U64)
     if (ref64 - first).abs().max() < 1e-3:
         failures.append(f"order 2 case {k}: the previous term changed nothing (the case tests nothing)")
     for dtype in (torch.float32, torch.float64):
         cast = [None if t is None else t.to(dtype) for t in (P64, Q64, E64, R64, u064, J64, U64)]
         prev = tuple(t.to(dtype) for t in (C64, D64, up64, ep64))
-        ref = affine_scan_reference(*cast, prev)
-        out = affine_scan_triton(*cast, prev, block=64)
+        ref = affine_scan_reference(*cast, prev, increment)
+        out = affine_scan_triton(*cast, prev, block=64, increment=increment)
         err = (out.double() - ref64).abs().max().item()
         ref_err = (ref.double() - ref64).abs().max().item()
         atol = 1e-12 if dtype == torch.float64 else 1e-6

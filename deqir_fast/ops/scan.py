@@ -28,16 +28,19 @@ BACKENDS = ("auto", "reference", "torch", "native", "triton")   # accepted setti
 
 
 def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[torch.Tensor],
-                u: torch.Tensor) -> torch.Tensor:
+                u: torch.Tensor, increment: bool = False) -> torch.Tensor:
     """One step of the chain. The serial sampler and the scan both call this, so the
-    parallel solve's fixed point is the serial sampler's result bit for bit."""
+    parallel solve's fixed point is the serial sampler's result bit for bit.
+    ``increment``: P holds P - 1 and the step is u + (P u + Q e + R) (``Chain.increment_form``)."""
     out = P * u + Q * e
-    return out if R is None else out + R
+    out = out if R is None else out + R
+    return u + out if increment else out
 
 
 def affine_scan(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, R: Optional[torch.Tensor],
                 u0: torch.Tensor, J: Optional[torch.Tensor] = None,
-                U: Optional[torch.Tensor] = None, previous: Optional[tuple] = None) -> torch.Tensor:
+                U: Optional[torch.Tensor] = None, previous: Optional[tuple] = None,
+                increment: bool = False) -> torch.Tensor:
     """All states of the (linearised) recurrence from u_0 = ``u0``, on the fastest
     available backend (see ``scan_backend``); arguments as ``affine_scan_reference``.
     The kernels have no backward: when autograd needs the result's graph (phantom
@@ -46,15 +49,16 @@ def affine_scan(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor, R: Optional[t
         t is not None and t.requires_grad for t in (P, Q, E, R, u0, J, U, *(previous or ())))
     if not needs_graph and scan_backend(E) == "triton":
         from .triton_scan import affine_scan_triton
-        return affine_scan_triton(P, Q, E, R, u0, J, U, previous)
-    return affine_scan_reference(P, Q, E, R, u0, J, U, previous)
+        return affine_scan_triton(P, Q, E, R, u0, J, U, previous, increment=increment)
+    return affine_scan_reference(P, Q, E, R, u0, J, U, previous, increment)
 
 
 def affine_scan_reference(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
                           R: Optional[torch.Tensor], u0: torch.Tensor,
                           J: Optional[torch.Tensor] = None,
                           U: Optional[torch.Tensor] = None,
-                          previous: Optional[tuple] = None) -> torch.Tensor:
+                          previous: Optional[tuple] = None,
+                          increment: bool = False) -> torch.Tensor:
     """All states of u_{i+1} = P_i u_i + Q_i e_i + R_i from u_0 = ``u0``, with the
     linearised model term e_i = E_i + J_i (u_i - U_i).
 
@@ -69,7 +73,7 @@ def affine_scan_reference(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
     one step at a time); C, D: [S, 1, ...]; (u_prev, e_prev): the input of the step
     before step 0 and its model term, fixed. The serial sampler's step adds the same
     C u_{i-1} + D e_{i-1} to R, so at the fixed point (e_i = E_i) both do the same
-    arithmetic.
+    arithmetic. ``increment``: P holds P - 1 (``affine_step``).
     """
     if (J is None) != (U is None):
         raise ValueError("J and U are given together or not at all")
@@ -84,7 +88,7 @@ def affine_scan_reference(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
             T = C[i] * u_prev + D[i] * e_prev
             Ri = T if Ri is None else Ri + T
             u_prev, e_prev = u, e
-        u = affine_step(P[i], Q[i], e, Ri, u)
+        u = affine_step(P[i], Q[i], e, Ri, u, increment)
         out[i] = u
     return out
 

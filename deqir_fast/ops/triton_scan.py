@@ -23,7 +23,7 @@ def _affine_scan_kernel(P, Q, E, R, J, U, U0, C, D, UP0, EP0, OUT, S, N, n_per_i
                         p_s, p_b, p_n, q_s, q_b, q_n, r_s, r_b, r_n, j_s, j_b, j_n,
                         c_s, c_b, c_n, d_s, d_b, d_n,
                         HAS_R: tl.constexpr, HAS_J: tl.constexpr, ORDER2: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        INCREMENT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)        # flat (batch, element) index
     mask = offs < N
@@ -53,6 +53,8 @@ def _affine_scan_kernel(P, Q, E, R, J, U, U0, C, D, UP0, EP0, OUT, S, N, n_per_i
             ep = e
         elif HAS_R:
             un += tl.load(R + i * r_s + b * r_b + k * r_n, mask=mask, other=0.0)
+        if INCREMENT:   # P holds P - 1: u + (P u + Q e + R), as the reference
+            un = u + un
         u = un
         tl.store(OUT + i * N + offs, u, mask=mask)
 
@@ -67,10 +69,12 @@ def _as_sbn(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def affine_scan_triton(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
                        R: Optional[torch.Tensor], u0: torch.Tensor,
                        J: Optional[torch.Tensor] = None, U: Optional[torch.Tensor] = None,
-                       previous: Optional[tuple] = None, block: int = 1024) -> torch.Tensor:
+                       previous: Optional[tuple] = None, block: int = 1024,
+                       increment: bool = False) -> torch.Tensor:
     """Same contract as ``scan.affine_scan_reference``: P, Q, J [S, 1 or B, ...],
     E, U [S, B, ...], R [S, 1 or B, ...] or None, u0 [B, ...] -> [S, B, ...]; ``previous``
-    = (C, D [S, 1 or B, ...], u_prev, e_prev [B, ...]) for an order-2 chain."""
+    = (C, D [S, 1 or B, ...], u_prev, e_prev [B, ...]) for an order-2 chain; ``increment``:
+    P holds P - 1."""
     if E.dim() < 3:
         raise ValueError(f"E must be [S, B, ...], got shape {tuple(E.shape)}")
     S, B = E.shape[:2]
@@ -112,5 +116,6 @@ def affine_scan_triton(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
                               *Pv.stride(), *Qv.stride(), *Rv.stride(), *Jv.stride(),
                               *Cv.stride(), *Dv.stride(),
                               HAS_R=R is not None, HAS_J=J is not None,
-                              ORDER2=previous is not None, BLOCK=block)
+                              ORDER2=previous is not None, INCREMENT=bool(increment),
+                              BLOCK=block)
     return out.view_as(E)
