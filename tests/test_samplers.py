@@ -125,7 +125,7 @@ def test_dpmpp_2m_equals_k_diffusion(n, kind, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n,kind", KD_GRID)
-@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 0.8)])
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.5, 0.8), (1.5, 1.0)])     # 1.5: σ_up capped
 def test_euler_ancestral_equals_k_diffusion(n, kind, eta, s_noise, dtype):
     den = Denoiser().to(dtype)
     sigmas = sigmas_for(kind, n, dtype)
@@ -151,9 +151,16 @@ def test_euler_ancestral_default_noise_is_torch_randn_in_step_order():
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64) * sigmas[0]
     torch.manual_seed(3)
     ref = euler_ancestral_reference(den, x, sigmas, noise_sampler=lambda s, sn: torch.randn_like(x))
+    after_ref = torch.rand(1)
     torch.manual_seed(3)
     out = kd.sample_euler_ancestral(den, x, sigmas, tol=0)
+    after = torch.rand(1)
     assert rel(out, ref) <= 1e-12
+    assert torch.equal(after, after_ref)   # exact: no draw for the step to σ = 0, as k-diffusion
+    pairs = []
+    kd.sample_euler_ancestral(den, x, sigmas, noise_sampler=lambda s, sn: pairs.append(
+        (float(s), float(sn))) or torch.randn_like(x))
+    assert pairs == [(float(sigmas[i]), float(sigmas[i + 1])) for i in range(len(sigmas) - 2)]
 
 
 def test_eta_zero_is_euler_and_stopping_above_zero():
@@ -192,6 +199,25 @@ def test_callbacks_carry_k_diffusion_payloads():
     assert set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
     assert rel(seen[0]["x"], x) <= 1e-12                              # the state entering step 0
     assert rel(seen[3]["denoised"], den(seen[3]["x"], sigmas[3].view(1))) <= 1e-12
+
+
+def test_order_two_scan_carries_the_linearised_pair():
+    """The reference scan with ``previous`` against the 2x2 recurrence written out: the
+    previous step's input as the scan ran it and its model term linearised with its own J
+    (u_{i+1} = P u_i + Q e_i + C u_{i-1} + D e_{i-1} + R, e_i = E_i + J_i (u_i - U_i))."""
+    from deqir_fast.ops.scan import affine_scan_reference
+    g = torch.Generator().manual_seed(0)
+    S, shape = 6, (2, 3, 4, 5)
+    r = lambda *sh: torch.randn(sh, generator=g, dtype=torch.float64)      # noqa: E731
+    P, Q, C, D, J = r(S, 1, 3, 4, 5), r(S, 1, 3, 4, 5), r(S, 1, 1, 1, 1), r(S, 1, 3, 4, 5), r(S, 2, 1, 1, 1)
+    E, U, R, u0, up, ep = r(S, *shape), r(S, *shape), r(S, *shape), r(*shape), r(*shape), r(*shape)
+    out = affine_scan_reference(P, Q, E, R, u0, J, U, (C, D, up, ep))
+    u, want = u0, []
+    for i in range(S):
+        e = E[i] + J[i] * (u - U[i])
+        u, up, ep = P[i] * u + Q[i] * e + C[i] * up + D[i] * ep + R[i], u, e
+        want.append(u)
+    assert torch.allclose(out, torch.stack(want), rtol=1e-12, atol=1e-12)
 
 
 # -- the chains' maths -------------------------------------------------------------------
@@ -271,6 +297,7 @@ E2E = [
     ("dpm", 20, dict(final_sigmas_type="sigma_min", lower_order_final=False)),
     ("dpm", 10, dict(final_sigmas_type="sigma_min", euler_at_final=True, use_karras_sigmas=True)),
     ("dpm", 25, dict(solver_order=1, timestep_spacing="leading")),
+    ("dpm", 10, dict(final_sigmas_type="sigma_min", timestep_spacing="trailing")),   # S < 15
 ]
 
 
