@@ -107,9 +107,9 @@ class Chain:
     output_scale = 1.0
     # step as u' = u + ((P - 1) u + Q ē + R), P - 1 from float64: the σ-space samplers'
     # own arithmetic x' = x + d·dt adds the increment to an exact state, and P ≈ 1 rounded
-    # to float32 scales the whole state by up to 6e-8 a step, which on the bundled UNet
-    # put our float32 Euler-20 1.6e-5 off the float64 serial sampler, against 2.0e-6 in
-    # this form and 2.5e-6 for diffusers' loop (bench/RESULTS.md §18)
+    # to float32 scales the whole state by up to 6e-8 a step: on the bundled UNet our
+    # float32 Euler-20 was 1.8e-5 from diffusers' float32 loop, 6.3e-6 in this form
+    # (`bench/samplers.py --diffusers-loop`, bench/RESULTS.md §18)
     increment_form = False
 
     def __init__(self, schedule: Schedule, timesteps, final_alpha: float = 1.0):
