@@ -442,6 +442,22 @@ def test_order_two_windows_and_rules_reach_serial(window, solver):
     assert res.converged and float((res.x0 - ref).abs().max()) < GREY
 
 
+def test_order_two_shadow_leaves_the_states_the_window_reads(monkeypatch):
+    """The shadow returns its serial state only for a step the window no longer reads: an
+    order-2 window from lo reads lo - 1 (the carry) and lo - 2 (its first step's previous
+    input). Window 2 puts the front two steps ahead of the shadow, where it matters."""
+    from deqir_fast.solvers.engines import EagerEngine
+    seen, real = [], EagerEngine.take_serial
+
+    def spy(self, loop, p, q=None):
+        seen.append((p, loop.lo))
+        return real(self, loop, p, q)
+    monkeypatch.setattr(EagerEngine, "take_serial", spy)
+    model, chain, x_T = dpm_problem()
+    assert dq.solve(model, chain, x_T, window=2).converged
+    assert seen and all(p < lo - 2 for p, lo in seen), seen
+
+
 @pytest.mark.parametrize("window,init", [(None, "jump"), (4, "jump"), (1, "x_T")])
 def test_order_two_nfe_counts_every_row_the_model_evaluates(window, init):
     """nfe is the rows the model was called on: a window from lo > 0 adds the state
