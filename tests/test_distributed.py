@@ -618,7 +618,7 @@ def _worker(rank, world, port, mode, out):
             sys.stderr.flush()
             return                              # a normal exit: interpreter shutdown
     finally:
-        if dist.is_initialized() and mode in ("parity", "planner"):
+        if dist.is_initialized() and mode in ("parity", "planner", "order2"):
             dist.destroy_process_group()        # no barrier: solve leaves nothing in flight
 
 
