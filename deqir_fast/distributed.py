@@ -689,11 +689,16 @@ class ShardedEngine:
     def run_serial(self, loop, start: int, stop: int, step_done) -> None:
         """Every rank runs the serial sampler (the same steps from the same state: no
         collective); an error is reported to every rank by ``finish``'s gather."""
+        before = getattr(loop.system, "previous_rows", 0)
         if self.comm.failed is None:
             try:
                 loop.system.serial(step_done, start=start, stop=stop, states=loop.X)
             except Exception as e:                 # noqa: BLE001 - reported to every rank
                 self.comm.failed = e
+        if self.me != 0 and hasattr(loop.system, "previous_rows"):
+            # every rank ran the same serial steps: rank 0's count of an order-2 chain's
+            # extra call stands for all (``previous_rows`` sums over the ranks)
+            loop.system.previous_rows = before
         self.final_owner[:] = 0
         self.parts = self.split(stop, stop, loop.S)
 
@@ -715,8 +720,19 @@ class ShardedEngine:
     # -- the window moves ------------------------------------------------------------------------
     def enter(self, loop, start: int, end: int, from_last_output: bool) -> None:
         """Start values of entering steps, computed by the rank that held the old last step
-        (``_migrate`` sends them where they go)."""
-        if self.me == _owner_of(self.parts, loop.hi - 1):
+        (``_migrate`` sends them where they go). An order-2 chain's start reads the state
+        two back too (``ChainSystem.extend``): its holder sends this round's value first
+        (the last owner's copy is the one from before the round when that state is not in
+        its block)."""
+        last = _owner_of(self.parts, loop.hi - 1)
+        if self.order == 2 and from_last_output and loop.hi >= 2:
+            s = loop.hi - 2
+            holder = _owner_of(self.parts, s) if s >= loop.lo else int(self.final_owner[s])
+            if holder != last:
+                got = self.comm.broadcast(loop.X[s].clone(), holder, "state two back")
+                if self.me == last:
+                    loop.X[s] = got
+        if self.me == last:
             enter_steps(loop.system, loop.X, self.e_last if from_last_output else None, start, end)
 
     def move(self, loop, lo: int, hi: int, restart: bool = False) -> None:

@@ -343,6 +343,10 @@ ISSUE_23 = [
 # solver loop; the diffusers and k-diffusion adapters.
 SAMPLERS_T = ("tests/test_samplers.py",)
 ISSUE_25 = [
+    Mutant("o2-enter-stale-two-back", "sharded: the last owner starts entering steps from its "
+           "stale copy of the state two back (not sent by its holder)", "deqir_fast/distributed.py",
+           "        if self.order == 2 and from_last_output and loop.hi >= 2:",
+           "        if False:", first=DIST_T),
     # -- the order-2 chain through the solver (system, scan, shadow, loop) ------------------------
     Mutant("o2-prev-row-wrong-step", "a window's extra row (the state entering step lo - 1) is "
            "evaluated at step lo", "deqir_fast/system.py",
