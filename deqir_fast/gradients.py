@@ -74,9 +74,7 @@ class AdjointSystem:
         # order 2: adjoint step r (forward j = S-1-r) takes C_{j+1}, D_{j+1} (0 for j = S-1)
         self.order = getattr(forward, "order", 1)
         if self.order == 2:
-            zero = torch.zeros_like(forward._C[:1])
-            self.C = torch.cat([forward._C[1:], zero]).flip(0)
-            self.D = torch.cat([forward._D[1:], zero]).flip(0)
+            self.C, self.D = (t.flip(0) for t in forward.next_previous_coefficients())
         self._two_back = None                        # (lo, A_{lo-2}) of the last ``inputs``
         self.scale_value = float(grad_uS.abs().max().clamp_min(torch.finfo(grad_uS.dtype).tiny))
 
@@ -183,8 +181,7 @@ class AdjointSystem:
         total: List[Optional[torch.Tensor]] = [None] * len(self.params)
         cot_all = self.forward.coeffs.Q * lam[1:]
         if self.order == 2:       # + D_{j+1} λ_{j+2}, λ_{S+1} = 0
-            D_next = torch.cat([self.forward._D[1:], torch.zeros_like(self.forward._D[:1])])
-            cot_all = cot_all + D_next * torch.cat([lam[2:], torch.zeros_like(lam[:1])])
+            cot_all = cot_all + self.D.flip(0) * torch.cat([lam[2:], torch.zeros_like(lam[:1])])
         for c0 in range(k0, k1, chunk):
             c1 = min(c0 + chunk, k1)
             _, gs = self._vjp(c0, c1, cot_all[c0:c1], self.params)

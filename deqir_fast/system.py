@@ -101,7 +101,7 @@ class ChainSystem:
         # carries both (linearised like ē). A window from lo > 0 evaluates the state
         # entering step lo-1 as one more row of its model call (``inputs`` puts it in the
         # same buffer, the model call records it in ``_previous`` for the scan).
-        previous = chain.previous_coefficients() if chain.order == 2 else None
+        previous = chain.previous_coefficients()
         self.order = 1 if previous is None else 2
         if previous is not None:
             like = coeffs.u0
@@ -251,13 +251,11 @@ class ChainSystem:
         c = self.coeffs
         if self.spec is None:
             R = None if c.R is None else c.R.index_select(0, p)[0]
-            if self.order == 2:
-                u_prev, e_prev = previous
-                T = self._C.index_select(0, p)[0] * u_prev + self._D.index_select(0, p)[0] * e_prev
-                R = T if R is None else R + T
+            pair = None if self.order == 1 else (
+                self._C.index_select(0, p)[0], self._D.index_select(0, p)[0], *previous)
             P, increment = self._step_P()
             return affine_step(P.index_select(0, p)[0], c.Q.index_select(0, p)[0], e, R, u,
-                               increment)
+                               increment, pair)
         noise = c.noise.index_select(0, p) if (self.spec.uses_noise and c.noise is not None) else None
         return fused_round(self.spec.sampler, self._table.index_select(0, p), e[None], u[None], u,
                            self._ones[:1], self._s, self._ybar(), noise, None)[0][0]
@@ -368,10 +366,14 @@ class ChainSystem:
         the slope of step k's previous term in the input of step k-1 (what a sharded
         solve's carry correction composes, ``distributed.ShardedEngine._order2_map``)."""
         J = lin.jacobian(a, b)                                   # J_a .. J_{b-1}
-        zero = torch.zeros_like(self._C[:1])
-        C = torch.cat([self._C, zero])[a + 1:b + 1]
-        D = torch.cat([self._D, zero])[a + 1:b + 1]
+        C, D = (t[a:b] for t in self.next_previous_coefficients())
         return C if J is None else C + D * J
+
+    def next_previous_coefficients(self):
+        """(C_{k+1}, D_{k+1}) for k = 0..S-1, 0 for the last step (no step S): how an order-2
+        step k+1 reads the input of step k and its ē (``previous_slopes``, the adjoint)."""
+        zero = torch.zeros_like(self._C[:1])
+        return torch.cat([self._C[1:], zero]), torch.cat([self._D[1:], zero])
 
     def step_slopes(self, lin, a: int, b: int, like: torch.Tensor) -> torch.Tensor:
         """M_i = P_i + Q_i J_i for steps a..b-1, broadcastable to [b-a, B, ...]: the slope of

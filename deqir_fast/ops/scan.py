@@ -28,10 +28,16 @@ BACKENDS = ("auto", "reference", "torch", "native", "triton")   # accepted setti
 
 
 def affine_step(P: torch.Tensor, Q: torch.Tensor, e: torch.Tensor, R: Optional[torch.Tensor],
-                u: torch.Tensor, increment: bool = False) -> torch.Tensor:
+                u: torch.Tensor, increment: bool = False,
+                previous: Optional[tuple] = None) -> torch.Tensor:
     """One step of the chain. The serial sampler and the scan both call this, so the
     parallel solve's fixed point is the serial sampler's result bit for bit.
-    ``increment``: P holds P - 1 and the step is u + (P u + Q e + R) (``Chain.increment_form``)."""
+    ``increment``: P holds P - 1 and the step is u + (P u + Q e + R) (``Chain.increment_form``).
+    ``previous`` = (C, D, u_prev, e_prev): an order-2 step, C u_prev + D e_prev added to R."""
+    if previous is not None:
+        C, D, u_prev, e_prev = previous
+        T = C * u_prev + D * e_prev
+        R = T if R is None else R + T
     out = P * u + Q * e
     out = out if R is None else out + R
     return u + out if increment else out
@@ -83,13 +89,11 @@ def affine_scan_reference(P: torch.Tensor, Q: torch.Tensor, E: torch.Tensor,
         C, D, u_prev, e_prev = previous
     for i in range(E.shape[0]):
         e = E[i] if J is None else E[i] + J[i] * (u - U[i])
-        Ri = None if R is None else R[i]
+        pair = None if previous is None else (C[i], D[i], u_prev, e_prev)
+        u_next = affine_step(P[i], Q[i], e, None if R is None else R[i], u, increment, pair)
         if previous is not None:
-            T = C[i] * u_prev + D[i] * e_prev
-            Ri = T if Ri is None else Ri + T
             u_prev, e_prev = u, e
-        u = affine_step(P[i], Q[i], e, Ri, u, increment)
-        out[i] = u
+        u = out[i] = u_next
     return out
 
 
